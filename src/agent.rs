@@ -1,0 +1,172 @@
+//! The one place where leadership becomes VIP and load-balancer actions.
+//!
+//! The agent watches a [`Role`] signal — constant `Leader` in single-node mode, fed by the Raft
+//! cluster otherwise — and converges on it:
+//! - `Leader`: add the VIP, announce it, then start the `bindToVip` load balancers;
+//! - `Follower`: stop the `bindToVip` load balancers (no new connections on an address we are
+//!   about to lose), then remove the VIP.
+//!
+//! Load balancers without `bindToVip` listen on every address and run for the agent's whole life.
+//! A step that fails (interface missing, port taken) is logged and retried every
+//! [`RETRY_INTERVAL`]; giving up would leave a leader without a VIP for good.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use log::{error, info};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::lb::{self, ListenError, RunningLb};
+use crate::shutdown::Shutdown;
+use crate::vip::{VipHolder, VipSettings};
+
+/// Pause before retrying a step that failed.
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What this node may do with the VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Entitled to hold the VIP: no other node can legitimately hold it now.
+    Leader,
+    /// Must not hold the VIP: another node may hold it, or we cannot tell.
+    Follower,
+}
+
+/// The agent's state: what it holds and runs right now.
+struct Agent {
+    /// The configuration.
+    config: Config,
+    /// The VIP to hold; `None` with `--disableVIP` (someone else manages the address).
+    vip: Option<VipSettings>,
+    /// Holder of the VIP while we have it.
+    holder: Option<VipHolder>,
+    /// Running `bindToVip` load balancers (only while leader).
+    vip_lbs: Vec<RunningLb>,
+}
+
+/// A fatal start-up failure of the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A load balancer that listens on all addresses could not bind.
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+}
+
+/// Runs the agent until `shutdown`; on return the VIP is released and every listener closed.
+pub async fn run(
+    config: Config,
+    disable_vip: bool,
+    mut role: watch::Receiver<Role>,
+    mut shutdown: Shutdown,
+) -> Result<(), AgentError> {
+    let vip = (!disable_vip).then(|| VipSettings {
+        interface: config.interface.clone(),
+        address: config.vip,
+        announce: config.gratuitous_arp,
+        burst_count: config.arp_burst_count(),
+        refresh: match config.arp_refresh_seconds() {
+            0 => None,
+            s => Some(Duration::from_secs(s)),
+        },
+    });
+    let mut always = Vec::new();
+    for lbc in config.load_balancers.iter().filter(|l| !l.bind_to_vip) {
+        match RunningLb::start(lbc, lb::listen_addr(lbc, config.vip)).await {
+            Ok(r) => always.push(r),
+            Err(e) => {
+                stop_all(always).await;
+                return Err(e.into());
+            }
+        }
+    }
+    let mut agent = Agent {
+        config,
+        vip,
+        holder: None,
+        vip_lbs: Vec::new(),
+    };
+    loop {
+        let want = *role.borrow_and_update();
+        let settled = agent.converge(want).await;
+        tokio::select! {
+            _ = shutdown.recv() => break,
+            changed = role.changed() => if changed.is_err() {
+                // The leadership source is gone: we can no longer know we are entitled.
+                error!("leadership signal lost; dropping the VIP");
+                break;
+            },
+            _ = tokio::time::sleep(RETRY_INTERVAL), if !settled => {}
+        }
+    }
+    agent.converge(Role::Follower).await;
+    stop_all(always).await;
+    Ok(())
+}
+
+impl Agent {
+    /// Moves one step closer to what `role` asks; returns whether everything is in place.
+    async fn converge(&mut self, role: Role) -> bool {
+        match role {
+            Role::Leader => self.lead().await,
+            Role::Follower => {
+                stop_all(std::mem::take(&mut self.vip_lbs)).await;
+                if let Some(holder) = self.holder.take() {
+                    if let Err(e) = holder.release().await {
+                        error!("cannot remove VIP: {e}");
+                        return false;
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    async fn lead(&mut self) -> bool {
+        let mut changed = false;
+        if let (None, Some(settings)) = (&self.holder, &self.vip) {
+            match VipHolder::take(settings.clone()).await {
+                Ok(h) => {
+                    self.holder = Some(h);
+                    changed = true;
+                }
+                Err(e) => {
+                    error!("cannot take VIP {}: {e}; retrying", settings.address);
+                    return false;
+                }
+            }
+        }
+        let vip: IpAddr = self.config.vip;
+        let mut all = true;
+        let wanted = self.config.load_balancers.iter().filter(|l| l.bind_to_vip);
+        for (i, lbc) in wanted.enumerate() {
+            if i < self.vip_lbs.len() {
+                continue;
+            }
+            match RunningLb::start(lbc, lb::listen_addr(lbc, vip)).await {
+                Ok(r) => {
+                    self.vip_lbs.push(r);
+                    changed = true;
+                }
+                Err(e) => {
+                    error!("{e}; retrying");
+                    all = false;
+                    break;
+                }
+            }
+        }
+        if all && changed {
+            info!(
+                "serving as leader: VIP {vip}, {} load balancer(s) on it",
+                self.vip_lbs.len()
+            );
+        }
+        all
+    }
+}
+
+async fn stop_all(lbs: Vec<RunningLb>) {
+    for l in lbs {
+        l.stop().await;
+    }
+}

@@ -1,0 +1,581 @@
+//! The configuration file: kube-vip 0.1's `config.yaml` schema, plus optional keys of our own.
+//!
+//! Every key of 0.1 keeps its name and meaning, so a file written for 0.1 (the guide's example is
+//! kept in `shared/reference/seed-config.yaml`) loads unchanged. Keys we added are all optional;
+//! their defaults are the `DEFAULT_*` constants below and are listed in README.md.
+//!
+//! Errors name the field and, where it can be found, the line: serde_yaml reports the position of
+//! type errors (bad IP, port out of range, unknown key), and [`Config::validate`] finds the line of
+//! a value for the checks that span several fields (duplicate peers, VIP equal to a peer, ...).
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Gratuitous ARP / unsolicited NA rounds sent when a node takes the VIP.
+pub const DEFAULT_ARP_BURST_COUNT: u32 = 5;
+/// Seconds between refresh announcements while holding the VIP (0 turns refreshing off).
+pub const DEFAULT_ARP_REFRESH_SECONDS: u64 = 10;
+/// Where a clustered node keeps its Raft vote and log.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/kube-vip";
+/// Raft heartbeat interval.
+pub const DEFAULT_HEARTBEAT_MS: u64 = 50;
+/// Lower bound of the randomised Raft election timeout.
+pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 150;
+/// Upper bound of the randomised Raft election timeout.
+pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 300;
+/// How long the load balancer waits for one backend to accept a connection.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1000;
+/// How long a backend that refused or timed out is passed over before it is tried again.
+pub const DEFAULT_BACKEND_COOLDOWN_MS: u64 = 2000;
+/// Linux interface names are at most 15 bytes (IFNAMSIZ less the NUL).
+const MAX_INTERFACE_NAME: usize = 15;
+
+/// A TCP port, 1 to 65535. Its own type so that 0 and 70000 fail where they are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Port(pub u16);
+
+impl<'de> Deserialize<'de> for Port {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// Accepts integers only; errors from a visitor carry the scalar's own position.
+        struct PortVisitor;
+        impl serde::de::Visitor<'_> for PortVisitor {
+            type Value = Port;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a port number between 1 and 65535")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Port, E> {
+                match u16::try_from(n) {
+                    Ok(p) if p != 0 => Ok(Port(p)),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Unsigned(n), &self)),
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Port, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::invalid_value(serde::de::Unexpected::Signed(n), &self)),
+                }
+            }
+        }
+        d.deserialize_u64(PortVisitor)
+    }
+}
+
+impl fmt::Display for Port {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// One member of the Raft cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// Unique name of the node; Raft node ids are derived from it.
+    pub id: String,
+    /// Address the node's Raft listener is reachable on.
+    pub address: IpAddr,
+    /// Raft port (10000 in the guide).
+    pub port: Port,
+}
+
+impl Peer {
+    /// The peer's Raft endpoint.
+    #[allow(dead_code)] // the Raft cluster's, landing next
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.port.0)
+    }
+}
+
+/// Kind of proxy a load balancer runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LbType {
+    /// Plain TCP forwarding (what kube-apiserver needs: it speaks TLS end to end).
+    Tcp,
+    /// HTTP/1.1 reverse proxy that adds X-Forwarded-For and X-Forwarded-Host.
+    Http,
+}
+
+/// One backend server of a load balancer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    /// IP address of the backend (an API server).
+    pub address: IpAddr,
+    /// Port the backend listens on (6444 in the guide).
+    pub port: Port,
+}
+
+impl Backend {
+    /// The backend's endpoint.
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.port.0)
+    }
+}
+
+/// One `loadBalancers` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancer {
+    /// Name used in log lines.
+    pub name: String,
+    /// `tcp` or `http`.
+    #[serde(rename = "type")]
+    pub kind: LbType,
+    /// Port to listen on.
+    pub port: Port,
+    /// Listen on VIP:port, only while this node holds the VIP; otherwise on every address, always.
+    #[serde(default)]
+    pub bind_to_vip: bool,
+    /// Servers to forward to, in round-robin order.
+    #[serde(default)]
+    pub backends: Vec<Backend>,
+    /// Connect timeout per backend attempt, ms (default [`DEFAULT_CONNECT_TIMEOUT_MS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_ms: Option<u64>,
+    /// How long a failed backend is passed over, ms (default [`DEFAULT_BACKEND_COOLDOWN_MS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_cooldown_ms: Option<u64>,
+}
+
+impl LoadBalancer {
+    /// Connect timeout with its default applied.
+    pub fn connect_timeout_ms(&self) -> u64 {
+        self.connect_timeout_ms
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS)
+    }
+    /// Backend cooldown with its default applied.
+    pub fn backend_cooldown_ms(&self) -> u64 {
+        self.backend_cooldown_ms
+            .unwrap_or(DEFAULT_BACKEND_COOLDOWN_MS)
+    }
+}
+
+/// The whole configuration file. Field order is 0.1's, so `sample config` reads like 0.1's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// Other members of the Raft cluster.
+    #[serde(default)]
+    pub remote_peers: Vec<Peer>,
+    /// This node. Required unless `singleNode`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_peer: Option<Peer>,
+    /// The virtual IP.
+    pub vip: IpAddr,
+    /// Announce the VIP with gratuitous ARP (unsolicited NA for IPv6) when taking it.
+    #[serde(rename = "gratuitousARP", default)]
+    pub gratuitous_arp: bool,
+    /// No Raft: this node takes the VIP at once.
+    #[serde(default)]
+    pub single_node: bool,
+    /// This node initialises the cluster's membership on its first start.
+    #[serde(default)]
+    pub start_as_leader: bool,
+    /// Interface the VIP is added to and announced on.
+    pub interface: String,
+    /// Load balancers to run.
+    #[serde(default)]
+    pub load_balancers: Vec<LoadBalancer>,
+
+    /// Announcement rounds when taking the VIP (default [`DEFAULT_ARP_BURST_COUNT`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arp_burst_count: Option<u32>,
+    /// Seconds between refresh announcements; 0 = off (default [`DEFAULT_ARP_REFRESH_SECONDS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arp_refresh_seconds: Option<u64>,
+    /// Directory for Raft state (default [`DEFAULT_STATE_DIR`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    /// Raft heartbeat interval, ms (default [`DEFAULT_HEARTBEAT_MS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_ms: Option<u64>,
+    /// Raft election timeout lower bound, ms (default [`DEFAULT_ELECTION_TIMEOUT_MIN_MS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub election_timeout_min_ms: Option<u64>,
+    /// Raft election timeout upper bound, ms (default [`DEFAULT_ELECTION_TIMEOUT_MAX_MS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub election_timeout_max_ms: Option<u64>,
+}
+
+/// A configuration that could not be loaded; the message names the file, field and line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The YAML did not match the schema (serde_yaml's message carries field and line).
+    #[error("invalid config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What serde_yaml said.
+        message: String,
+    },
+    /// The file parsed but its values do not fit together.
+    #[error("invalid config {path}:\n  - {}", .problems.join("\n  - "))]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// One line per problem.
+        problems: Vec<String>,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_yaml(&text, path)
+    }
+
+    /// Parses and validates YAML text; `path` is only used in messages.
+    pub fn from_yaml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let problems = config.validate(text);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Arp burst count with its default applied.
+    pub fn arp_burst_count(&self) -> u32 {
+        self.arp_burst_count.unwrap_or(DEFAULT_ARP_BURST_COUNT)
+    }
+    /// Refresh interval with its default applied.
+    pub fn arp_refresh_seconds(&self) -> u64 {
+        self.arp_refresh_seconds
+            .unwrap_or(DEFAULT_ARP_REFRESH_SECONDS)
+    }
+    /// State directory with its default applied.
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
+    }
+    /// Heartbeat with its default applied.
+    pub fn heartbeat_ms(&self) -> u64 {
+        self.heartbeat_ms.unwrap_or(DEFAULT_HEARTBEAT_MS)
+    }
+    /// Election timeout lower bound with its default applied.
+    pub fn election_timeout_min_ms(&self) -> u64 {
+        self.election_timeout_min_ms
+            .unwrap_or(DEFAULT_ELECTION_TIMEOUT_MIN_MS)
+    }
+    /// Election timeout upper bound with its default applied.
+    pub fn election_timeout_max_ms(&self) -> u64 {
+        self.election_timeout_max_ms
+            .unwrap_or(DEFAULT_ELECTION_TIMEOUT_MAX_MS)
+    }
+
+    /// The same configuration with every optional key written out at its effective value,
+    /// for `kube-vip check`.
+    pub fn effective(&self) -> Config {
+        let mut c = self.clone();
+        c.arp_burst_count = Some(self.arp_burst_count());
+        c.arp_refresh_seconds = Some(self.arp_refresh_seconds());
+        c.state_dir = Some(self.state_dir());
+        c.heartbeat_ms = Some(self.heartbeat_ms());
+        c.election_timeout_min_ms = Some(self.election_timeout_min_ms());
+        c.election_timeout_max_ms = Some(self.election_timeout_max_ms());
+        for lb in &mut c.load_balancers {
+            lb.connect_timeout_ms = Some(lb.connect_timeout_ms());
+            lb.backend_cooldown_ms = Some(lb.backend_cooldown_ms());
+        }
+        c
+    }
+
+    /// All peers, the local one first.
+    pub fn all_peers(&self) -> impl Iterator<Item = &Peer> {
+        self.local_peer.iter().chain(self.remote_peers.iter())
+    }
+
+    /// Checks that need more than one field. `text` is the YAML source, used to find lines.
+    /// Returns one message per problem; empty means valid.
+    pub fn validate(&self, text: &str) -> Vec<String> {
+        let mut p = Vec::new();
+        // " (line N)" for the nth `key: value` inside top-level `section` ("" = whole file).
+        let at_in = |section: &str, key: &str, value: &str, nth: usize| -> String {
+            match find_line_in(text, section, key, value, nth) {
+                Some(n) => format!(" (line {n})"),
+                None => String::new(),
+            }
+        };
+        let at = |key: &str, value: &str, nth: usize| at_in("", key, value, nth);
+
+        if self.interface.is_empty() {
+            p.push(format!(
+                "interface: must not be empty{}",
+                at("interface", "", 0)
+            ));
+        } else if self.interface.len() > MAX_INTERFACE_NAME
+            || self.interface.contains(['/', ' ', ':'])
+        {
+            p.push(format!(
+                "interface: {:?} is not a valid Linux interface name (at most {MAX_INTERFACE_NAME} characters, no '/', ':' or spaces){}",
+                self.interface,
+                at("interface", &self.interface, 0)
+            ));
+        }
+        let vip = self.vip.to_string();
+        if self.vip.is_unspecified() || self.vip.is_loopback() || self.vip.is_multicast() {
+            p.push(format!(
+                "vip: {vip} is not a unicast address a host can hold{}",
+                at("vip", &vip, 0)
+            ));
+        }
+        if let IpAddr::V4(v4) = self.vip {
+            if v4.is_broadcast() {
+                p.push(format!(
+                    "vip: {vip} is the broadcast address{}",
+                    at("vip", &vip, 0)
+                ));
+            }
+        }
+
+        if !self.single_node && self.local_peer.is_none() {
+            p.push("localPeer: required unless singleNode is true".to_string());
+        }
+        let mut ids = HashSet::new();
+        let mut addrs = HashSet::new();
+        let peers = self
+            .local_peer
+            .iter()
+            .map(|p| ("localPeer".to_string(), "localPeer", 0, p));
+        let remotes = self
+            .remote_peers
+            .iter()
+            .enumerate()
+            .map(|(k, p)| (format!("remotePeers[{k}]"), "remotePeers", k, p));
+        for (field, section, k, peer) in peers.chain(remotes) {
+            // Which occurrence of this value inside its own section the entry is.
+            let earlier = &self.remote_peers[..if section == "remotePeers" { k } else { 0 }];
+            let nth_id = earlier.iter().filter(|q| q.id == peer.id).count();
+            let nth_addr = earlier.iter().filter(|q| q.address == peer.address).count();
+            let addr = peer.address.to_string();
+            let addr_line = at_in(section, "address", &addr, nth_addr);
+            if peer.id.is_empty() {
+                p.push(format!("{field}.id: must not be empty"));
+            } else if !ids.insert(peer.id.clone()) {
+                p.push(format!(
+                    "{field}.id: duplicate peer id {:?}{}; every peer needs its own id",
+                    peer.id,
+                    at_in(section, "id", &peer.id, nth_id)
+                ));
+            }
+            if !addrs.insert(peer.address) {
+                p.push(format!(
+                    "{field}.address: duplicate peer address {addr}{addr_line}; each peer is a different node"
+                ));
+            }
+            if peer.address == self.vip {
+                p.push(format!(
+                    "{field}.address: {addr} is the VIP{addr_line}; the VIP must be an address no node owns"
+                ));
+            }
+            if peer.address.is_unspecified() || peer.address.is_multicast() {
+                p.push(format!(
+                    "{field}.address: {addr} is not an address a peer can be reached at{addr_line}"
+                ));
+            }
+        }
+        let families: HashSet<bool> = self.all_peers().map(|p| p.address.is_ipv4()).collect();
+        if families.len() > 1 {
+            p.push(
+                "localPeer/remotePeers: peers mix IPv4 and IPv6 addresses; a node's Raft socket is bound to one family, so all peers must use the same one"
+                    .to_string(),
+            );
+        }
+
+        let mut ports = HashSet::new();
+        for (i, lb) in self.load_balancers.iter().enumerate() {
+            let field = format!("loadBalancers[{i}]");
+            let port = lb.port.to_string();
+            if lb.backends.is_empty() {
+                p.push(format!(
+                    "{field}.backends: load balancer {:?} has no backends{}",
+                    lb.name,
+                    at_in("loadBalancers", "name", &lb.name, 0)
+                ));
+            }
+            if !ports.insert(lb.port) {
+                p.push(format!(
+                    "{field}.port: port {port} is used by another load balancer{}",
+                    at_in("loadBalancers", "port", &port, 1)
+                ));
+            }
+            if let Some(local) = &self.local_peer {
+                if lb.port == local.port {
+                    p.push(format!(
+                        "{field}.port: port {port} is the Raft port of localPeer{}",
+                        at_in("loadBalancers", "port", &port, 0)
+                    ));
+                }
+            }
+            if lb.connect_timeout_ms == Some(0) {
+                p.push(format!("{field}.connectTimeoutMs: must be greater than 0"));
+            }
+            for (j, b) in lb.backends.iter().enumerate() {
+                if b.address == self.vip {
+                    let a = b.address.to_string();
+                    p.push(format!(
+                        "{field}.backends[{j}].address: {a} is the VIP{}; backends are the servers' own addresses",
+                        at_in("loadBalancers", "address", &a, 0)
+                    ));
+                }
+                if b.address.is_unspecified() || b.address.is_multicast() {
+                    p.push(format!(
+                        "{field}.backends[{j}].address: {} cannot be connected to",
+                        b.address
+                    ));
+                }
+            }
+        }
+
+        let (hb, min, max) = (
+            self.heartbeat_ms(),
+            self.election_timeout_min_ms(),
+            self.election_timeout_max_ms(),
+        );
+        if hb == 0 {
+            p.push("heartbeatMs: must be greater than 0".to_string());
+        }
+        if min >= max {
+            p.push(format!(
+                "electionTimeoutMinMs ({min}) must be less than electionTimeoutMaxMs ({max})"
+            ));
+        }
+        if hb >= min {
+            p.push(format!(
+                "heartbeatMs ({hb}) must be less than electionTimeoutMinMs ({min}), or followers time out between heartbeats"
+            ));
+        }
+        p
+    }
+}
+
+/// Like [`find_line`], but only inside the block of top-level key `section` (from its line to
+/// the next top-level key); `""` searches the whole text.
+fn find_line_in(text: &str, section: &str, key: &str, value: &str, nth: usize) -> Option<usize> {
+    if section.is_empty() {
+        return find_line(text, key, value, nth);
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.iter().position(|l| {
+        l.strip_prefix(section)
+            .is_some_and(|r| r.trim_start().starts_with(':'))
+    })?;
+    let len = lines[start + 1..]
+        .iter()
+        .position(|l| l.starts_with(|c: char| c.is_alphanumeric()))
+        .map_or(lines.len() - start, |n| n + 1);
+    let block = lines[start..start + len].join("\n");
+    find_line(&block, key, value, nth).map(|n| n + start)
+}
+
+/// Finds the 1-based line of the `nth` (0-based) occurrence of `key: value` in YAML text.
+/// Handles block (`- key: value`) and flow (`{key: value, ...}`) styles, quoted or not.
+/// A best effort for messages only: a miss just leaves the line out.
+fn find_line(text: &str, key: &str, value: &str, nth: usize) -> Option<usize> {
+    let mut seen = 0;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split(" #").next().unwrap_or(line);
+        let mut rest = line;
+        while let Some(pos) = rest.find(key) {
+            let before = rest[..pos].chars().last();
+            let after = rest[pos + key.len()..].trim_start();
+            rest = &rest[pos + key.len()..];
+            if matches!(before, Some(c) if c.is_alphanumeric()) {
+                continue;
+            }
+            let Some(after) = after.strip_prefix(':') else {
+                continue;
+            };
+            let v = after
+                .trim_start()
+                .split([',', '}'])
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_matches(['"', '\'']);
+            if v == value {
+                if seen == nth {
+                    return Some(i + 1);
+                }
+                seen += 1;
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = include_str!("../tests/data/seed-config.yaml");
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::from_yaml(text, Path::new("test.yaml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn seed_config_loads_as_written() {
+        let c = parse(SEED).expect("seed config must load");
+        assert_eq!(c.vip.to_string(), "192.168.0.75");
+        assert_eq!(c.remote_peers.len(), 2);
+        assert!(c.start_as_leader && c.gratuitous_arp && !c.single_node);
+        assert_eq!(c.load_balancers[0].backends.len(), 3);
+        assert_eq!(c.load_balancers[0].kind, LbType::Tcp);
+        assert_eq!(c.heartbeat_ms(), DEFAULT_HEARTBEAT_MS);
+    }
+
+    #[test]
+    fn find_line_block_and_flow() {
+        assert_eq!(find_line(SEED, "address", "192.168.0.71", 0), Some(3));
+        assert_eq!(find_line(SEED, "address", "192.168.0.71", 1), Some(26));
+        assert_eq!(
+            find_line("a: {id: x, address: 1.2.3.4}", "address", "1.2.3.4", 0),
+            Some(1)
+        );
+        assert_eq!(find_line("vip: \"1.2.3.4\"", "vip", "1.2.3.4", 0), Some(1));
+        assert_eq!(find_line("xvip: 1", "vip", "1", 0), None);
+        assert_eq!(
+            find_line_in(SEED, "localPeer", "address", "192.168.0.70", 0),
+            Some(10)
+        );
+        assert_eq!(
+            find_line_in(SEED, "loadBalancers", "address", "192.168.0.70", 0),
+            Some(24)
+        );
+    }
+
+    #[test]
+    fn effective_config_round_trips() {
+        let c = parse(SEED).expect("seed");
+        let text = serde_yaml::to_string(&c.effective()).expect("serialize");
+        let again = parse(&text).expect("effective config must load");
+        assert_eq!(again, c.effective());
+    }
+}

@@ -1,0 +1,187 @@
+//! The VIP as a kernel address: add, remove and look up with rtnetlink.
+
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::Handle;
+
+/// What the keeper needs to know about the VIP's interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Link {
+    /// Kernel interface index (changes if the interface is re-created).
+    pub index: u32,
+    /// Hardware address the VIP is announced with.
+    pub mac: [u8; 6],
+    /// Administratively up and with carrier: frames sent now can leave.
+    pub running: bool,
+}
+
+/// A netlink failure, with the operation and interface it concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    /// The interface is not there.
+    #[error("interface {0:?} not found")]
+    NoSuchInterface(String),
+    /// The interface has no 6-byte hardware address, so ARP cannot be sent on it.
+    #[error("interface {0:?} has no Ethernet address")]
+    NotEthernet(String),
+    /// The kernel refused or failed a request.
+    #[error("{op} on {iface:?}: {source}")]
+    Request {
+        /// What we asked for.
+        op: &'static str,
+        /// The interface.
+        iface: String,
+        /// The kernel's answer.
+        source: rtnetlink::Error,
+    },
+    /// Opening the netlink socket failed.
+    #[error("cannot open netlink socket: {0}")]
+    Socket(#[from] std::io::Error),
+}
+
+/// Opens a netlink connection whose I/O runs on its own task.
+pub fn connect() -> Result<Handle, NetlinkError> {
+    let (conn, handle, _) = rtnetlink::new_connection()?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+/// Looks up an interface by name.
+pub async fn link(handle: &Handle, name: &str) -> Result<Link, NetlinkError> {
+    let msg = handle
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await;
+    let msg = match msg {
+        Ok(Some(m)) => m,
+        // ENODEV comes back as an error, not as an empty answer.
+        Ok(None) | Err(rtnetlink::Error::NetlinkError(_)) => {
+            return Err(NetlinkError::NoSuchInterface(name.to_string()))
+        }
+        Err(source) => {
+            return Err(NetlinkError::Request {
+                op: "get link",
+                iface: name.to_string(),
+                source,
+            })
+        }
+    };
+    link_from_message(&msg).ok_or_else(|| NetlinkError::NotEthernet(name.to_string()))
+}
+
+/// Reads index, MAC and running state out of a link message.
+pub fn link_from_message(msg: &LinkMessage) -> Option<Link> {
+    let mac = msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(bytes.as_slice()).ok(),
+        _ => None,
+    })?;
+    let flags = msg.header.flags;
+    Some(Link {
+        index: msg.header.index,
+        mac,
+        running: flags.contains(LinkFlags::Up) && flags.contains(LinkFlags::LowerUp),
+    })
+}
+
+/// The kernel's record of `ip` on interface `index`, if it is there.
+pub async fn find_address(
+    handle: &Handle,
+    index: u32,
+    ip: IpAddr,
+    iface: &str,
+) -> Result<Option<AddressMessage>, NetlinkError> {
+    let mut stream = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .set_address_filter(ip)
+        .execute();
+    loop {
+        match stream.try_next().await {
+            Ok(Some(msg)) if address_of(&msg) == Some(ip) => return Ok(Some(msg)),
+            Ok(Some(_)) => continue,
+            Ok(None) => return Ok(None),
+            Err(source) => {
+                return Err(NetlinkError::Request {
+                    op: "list addresses",
+                    iface: iface.to_string(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// The address an address message is about (IFA_LOCAL for IPv4 point-to-point, else IFA_ADDRESS).
+pub fn address_of(msg: &AddressMessage) -> Option<IpAddr> {
+    let mut addr = None;
+    for a in &msg.attributes {
+        match a {
+            AddressAttribute::Local(ip) => return Some(*ip),
+            AddressAttribute::Address(ip) => addr = Some(*ip),
+            _ => {}
+        }
+    }
+    addr
+}
+
+/// Host prefix length for an address: /32 or /128.
+pub fn host_prefix(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+/// Adds `ip` as a host address; adding one that is already there succeeds (NLM_F_REPLACE).
+pub async fn add_address(
+    handle: &Handle,
+    index: u32,
+    ip: IpAddr,
+    iface: &str,
+) -> Result<(), NetlinkError> {
+    let mut req = handle.address().add(index, ip, host_prefix(ip)).replace();
+    if ip.is_ipv6() {
+        // Without NODAD the address stays tentative for a second or more and cannot be used
+        // (nor announced) while duplicate address detection runs; the VIP is ours by election.
+        req.message_mut()
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    }
+    req.execute().await.map_err(|source| NetlinkError::Request {
+        op: "add address",
+        iface: iface.to_string(),
+        source,
+    })
+}
+
+/// Removes `ip` from interface `index`. Returns whether it was there.
+pub async fn remove_address(
+    handle: &Handle,
+    index: u32,
+    ip: IpAddr,
+    iface: &str,
+) -> Result<bool, NetlinkError> {
+    let Some(msg) = find_address(handle, index, ip, iface).await? else {
+        return Ok(false);
+    };
+    match handle.address().del(msg).execute().await {
+        Ok(()) => Ok(true),
+        // EADDRNOTAVAIL: someone removed it between our look-up and our delete.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -nix::libc::EADDRNOTAVAIL => {
+            Ok(false)
+        }
+        Err(source) => Err(NetlinkError::Request {
+            op: "remove address",
+            iface: iface.to_string(),
+            source,
+        }),
+    }
+}
