@@ -18,12 +18,19 @@ use agent::Role;
 use cli::{Cli, Command, Sample, StartArgs};
 use config::Config;
 
+/// `info`, but netlink-proto's own warnings about dropped unsolicited messages are noise: we
+/// close event sockets on purpose.
+const DEFAULT_LOG_FILTER: &str = "info,netlink_proto=error";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut logger =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    let mut logger = env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or(DEFAULT_LOG_FILTER),
+    );
     if let Some(level) = cli.log {
-        logger.filter_level(level);
+        logger
+            .filter_level(level)
+            .filter_module("netlink_proto", log::LevelFilter::Error);
     }
     logger.init();
 

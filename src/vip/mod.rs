@@ -169,15 +169,12 @@ impl Schedule {
 
 /// Keeps the VIP on the interface and announces it until told to stop.
 async fn keep(handle: Handle, s: VipSettings, mut l: Link, mut stop: oneshot::Receiver<()>) {
-    let mut events = match rtnetlink::new_multicast_connection(&[
+    let events = match rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,
         MulticastGroup::Ipv4Ifaddr,
         MulticastGroup::Ipv6Ifaddr,
     ]) {
-        Ok((conn, _, events)) => {
-            tokio::spawn(conn);
-            Some(events)
-        }
+        Ok((conn, _, events)) => Some((AbortOnDrop(tokio::spawn(conn)), events)),
         Err(e) => {
             warn!(
                 "cannot watch netlink events ({e}); checking the VIP every {:?} instead",
@@ -185,6 +182,12 @@ async fn keep(handle: Handle, s: VipSettings, mut l: Link, mut stop: oneshot::Re
             );
             None
         }
+    };
+    // The connection task must end with the keeper, not linger until the next event finds
+    // its receiver gone.
+    let (_conn, mut events) = match events {
+        Some((conn, rx)) => (Some(conn), Some(rx)),
+        None => (None, None),
     };
     let mut socket = open_socket(&s, &l);
     let mut schedule = Schedule::new(
@@ -227,6 +230,15 @@ async fn keep(handle: Handle, s: VipSettings, mut l: Link, mut stop: oneshot::Re
             }
             Err(e) => error!("cannot check VIP {} on {}: {e}", s.address, s.interface),
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
