@@ -1,0 +1,362 @@
+# shellcheck shell=bash
+# qemu/lib.sh: boot kube-vip appliances under QEMU (TCG) on a private network.
+#
+# Source it from a bash script that runs as root with `set -euo pipefail`:
+#
+#   . qemu/lib.sh
+#   kv_init                                 # workdir, cleanup trap, tools
+#   kv_net_create                           # namespace with bridge br0
+#   kv_host_add client 10.213.0.2/24        # namespace joined by a veth
+#   kv_vm_start vm1 /path/to/vm1-config.img # tap + QEMU inside the namespace
+#   wait_console vm1 'kube-vip-appliance: booted' 60
+#   vm_exec vm1 'ip -4 addr show eth0'
+#   kv_ns client curl ...
+#   vm_poweroff vm1
+#
+# Layout: one "switch" namespace holds the bridge, every VM's tap and the QEMU
+# processes (QEMU runs there through `ip netns exec`, so it opens its tap in
+# that namespace). Client and backend "hosts" are namespaces of their own,
+# each joined to the bridge by a veth pair whose inner end is eth0. Nothing
+# touches the host's own interfaces. Names carry $KV_RUN_ID (default: $$),
+# so parallel runs do not collide, and kv_cleanup (trapped on EXIT, INT and
+# TERM) kills the VMs and every process in our namespaces, then deletes them.
+#
+# Judge a boot by its console markers (wait_console), never by QEMU's exit
+# status: QEMU exits 0 in cases that are failures (e.g. too little RAM).
+#
+# Settings (environment, read by kv_init / kv_vm_start):
+#   KV_KERNEL, KV_INITRD   default image/out/vmlinuz, image/out/initramfs.cpio.gz
+#   KV_VM_MEM              MiB per VM (default 192)
+#   KV_CMDLINE_EXTRA       appended to the kernel command line
+#   KV_QEMU_ACCEL          default tcg (KVM does not boot here, see ENVIRONMENT.md)
+#   KV_KEEP_WORKDIR=1      keep logs even after a successful run
+#   KV_SUBNET              first three octets of the test subnet (default 10.213.0)
+
+KV_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+KV_REPO=$(dirname "$KV_LIB_DIR")
+KV_RUN_ID=${KV_RUN_ID:-$$}
+KV_SUBNET=${KV_SUBNET:-10.213.0}
+KV_KERNEL=${KV_KERNEL:-$KV_REPO/image/out/vmlinuz}
+KV_INITRD=${KV_INITRD:-$KV_REPO/image/out/initramfs.cpio.gz}
+KV_VM_MEM=${KV_VM_MEM:-192}
+KV_QEMU_ACCEL=${KV_QEMU_ACCEL:-tcg}
+KV_NS_SW="kvsw-$KV_RUN_ID"
+KV_WORKDIR=''
+KV_NAMESPACES=()
+KV_VMS=()
+declare -A KV_VM_START=() # VM name -> start time (epoch seconds, fractional)
+
+kv_log() { echo "[$(date +%T)] $*" >&2; }
+kv_die() {
+	echo "qemu/lib.sh: error: $*" >&2
+	exit 1
+}
+
+# kv_now: seconds since the epoch with milliseconds.
+kv_now() { date +%s.%3N; }
+# kv_since T0: seconds elapsed since T0 (as printed by kv_now), 2 decimals.
+kv_since() { awk -v a="$1" -v b="$(kv_now)" 'BEGIN { printf "%.2f", b - a }'; }
+
+# kv_init: check we can work, install missing tools, make the work directory
+# and trap kv_cleanup on every way out.
+kv_init() {
+	[[ $(id -u) == 0 ]] || kv_die "must run as root (network namespaces, taps)"
+	"$KV_REPO/image/ensure-packages" \
+		qemu-system-x86_64:qemu-system-x86 ip:iproute2 curl:curl openssl:openssl \
+		python3:python3 kubectl:kubernetes-client mke2fs:e2fsprogs ping:iputils-ping
+	KV_PYTHON=${KV_PYTHON:-$(command -v /usr/bin/python3 || command -v python3)}
+	KV_WORKDIR=$(mktemp -d "/tmp/kube-vip-qemu.$KV_RUN_ID.XXXXXX")
+	trap kv_cleanup EXIT
+	# Let EXIT do the work, with the conventional status for the signal.
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
+	kv_log "work directory $KV_WORKDIR (run id $KV_RUN_ID)"
+}
+
+# kv_cleanup: kill VMs and everything running in our namespaces, delete the
+# namespaces. Keeps the work directory (logs) when the script failed.
+kv_cleanup() {
+	local rc=$? vm pid ns
+	trap - EXIT INT TERM
+	set +e
+	for vm in "${KV_VMS[@]}"; do
+		pid=$(kv_vm_pid "$vm")
+		[[ -n $pid ]] && kill -TERM "$pid" 2>/dev/null
+	done
+	for ns in "${KV_NAMESPACES[@]}"; do
+		# Only processes we started can live in namespaces we created.
+		for pid in $(ip netns pids "$ns" 2>/dev/null); do
+			kill -TERM "$pid" 2>/dev/null
+		done
+	done
+	sleep 0.3
+	for ns in "${KV_NAMESPACES[@]}"; do
+		for pid in $(ip netns pids "$ns" 2>/dev/null); do
+			kill -KILL "$pid" 2>/dev/null
+		done
+		ip netns del "$ns" 2>/dev/null
+	done
+	if [[ -n $KV_WORKDIR && -d $KV_WORKDIR ]]; then
+		if [[ $rc != 0 || ${KV_KEEP_WORKDIR:-0} == 1 ]]; then
+			echo "qemu/lib.sh: logs kept in $KV_WORKDIR" >&2
+		else
+			rm -rf "$KV_WORKDIR"
+		fi
+	fi
+	exit "$rc"
+}
+
+# kv_ns_name NAME: the namespace name of host NAME.
+kv_ns_name() { echo "kv$KV_RUN_ID-$1"; }
+
+# kv_ns NAME CMD...: run CMD in host NAME's namespace ("sw" = the switch).
+kv_ns() {
+	local name=$1
+	shift
+	if [[ $name == sw ]]; then
+		ip netns exec "$KV_NS_SW" "$@"
+	else
+		ip netns exec "$(kv_ns_name "$name")" "$@"
+	fi
+}
+
+# kv_net_create: the switch namespace with bridge br0 (no address of its own).
+kv_net_create() {
+	ip netns add "$KV_NS_SW" || kv_die "cannot create namespace $KV_NS_SW"
+	KV_NAMESPACES+=("$KV_NS_SW")
+	ip -n "$KV_NS_SW" link set lo up
+	# STP off: ports forward at once instead of after a listening delay.
+	ip -n "$KV_NS_SW" link add br0 type bridge stp_state 0 forward_delay 0
+	ip -n "$KV_NS_SW" link set br0 up
+}
+
+# kv_host_add NAME ADDR/PREFIX: a namespace joined to the bridge; its end of
+# the veth is eth0. NAME: up to 10 characters (interface names are short).
+kv_host_add() {
+	local name=$1 addr=$2 ns
+	[[ $name =~ ^[a-z0-9]{1,10}$ ]] || kv_die "host name '$name': use 1-10 of [a-z0-9]"
+	ns=$(kv_ns_name "$name")
+	ip netns add "$ns" || kv_die "cannot create namespace $ns"
+	KV_NAMESPACES+=("$ns")
+	ip -n "$KV_NS_SW" link add "v-$name" type veth peer name eth0 netns "$ns"
+	ip -n "$KV_NS_SW" link set "v-$name" master br0 up
+	ip -n "$ns" link set lo up
+	ip -n "$ns" addr add "$addr" dev eth0
+	ip -n "$ns" link set eth0 up
+}
+
+# kv_vm_pid VM: QEMU's pid (empty if unknown).
+kv_vm_pid() { cat "$KV_WORKDIR/$1.pid" 2>/dev/null || true; }
+
+# kv_vm_alive VM: true while VM's QEMU runs.
+kv_vm_alive() {
+	local pid
+	pid=$(kv_vm_pid "$1")
+	[[ -n $pid ]] && kill -0 "$pid" 2>/dev/null
+}
+
+# kv_console VM: path of VM's console log (ttyS0).
+kv_console() { echo "$KV_WORKDIR/$1.console"; }
+
+# kv_vm_start VM CONFIG_DISK [QEMU_ARGS...]: tap "t-VM" on br0 and a VM with
+# the appliance kernel+initramfs, CONFIG_DISK as read-only virtio disk (pass ""
+# for none), console (ttyS0) into $KV_WORKDIR/VM.console and the command
+# channel (ttyS1, see vm_exec) on a unix socket. Returns at once; follow the
+# boot with wait_console.
+kv_vm_start() {
+	local vm=$1 disk=$2 idx mac cmdline
+	shift 2
+	[[ $vm =~ ^[a-z0-9]{1,10}$ ]] || kv_die "VM name '$vm': use 1-10 of [a-z0-9]"
+	[[ -r $KV_KERNEL && -r $KV_INITRD ]] ||
+		kv_die "no appliance image ($KV_KERNEL, $KV_INITRD): run image/build first"
+	[[ -z $disk || -r $disk ]] || kv_die "config disk $disk not readable"
+	KV_VMS+=("$vm")
+	idx=${#KV_VMS[@]}
+	# Locally administered, unique per run (run id) and per VM (index).
+	mac=$(printf '52:54:%02x:%02x:%02x:%02x' $(((KV_RUN_ID >> 16) & 255)) \
+		$(((KV_RUN_ID >> 8) & 255)) $((KV_RUN_ID & 255)) "$idx")
+	ip -n "$KV_NS_SW" tuntap add dev "t-$vm" mode tap
+	ip -n "$KV_NS_SW" link set "t-$vm" master br0 up
+	cmdline="console=ttyS0 quiet panic=-1 kva.ctl=ttyS1 ${KV_CMDLINE_EXTRA:-}"
+	local -a args=(
+		-name "$vm" -accel "$KV_QEMU_ACCEL" -cpu max -smp 1 -m "$KV_VM_MEM"
+		-nodefaults -no-user-config -display none -no-reboot
+		-kernel "$KV_KERNEL" -initrd "$KV_INITRD" -append "$cmdline"
+		-chardev "file,id=con,path=$KV_WORKDIR/$vm.console" -serial chardev:con
+		-chardev "socket,id=ctl,path=$KV_WORKDIR/$vm.ctl,server=on,wait=off" -serial chardev:ctl
+		-monitor "unix:$KV_WORKDIR/$vm.mon,server=on,wait=off"
+		-netdev "tap,id=n0,ifname=t-$vm,script=no,downscript=no"
+		-device "virtio-net-pci,netdev=n0,mac=$mac"
+		-pidfile "$KV_WORKDIR/$vm.pid"
+	)
+	[[ -z $disk ]] || args+=(-drive "file=$disk,format=raw,if=virtio,readonly=on")
+	KV_VM_START[$vm]=$(kv_now)
+	: >"$KV_WORKDIR/$vm.console"
+	ip netns exec "$KV_NS_SW" qemu-system-x86_64 "${args[@]}" "$@" \
+		</dev/null >"$KV_WORKDIR/$vm.qemu.log" 2>&1 &
+	# The pid file appears once QEMU has parsed its arguments; `ip netns
+	# exec` execs QEMU, so $! is QEMU's pid too (for an early failure).
+	echo "$!" >"$KV_WORKDIR/$vm.pid"
+	kv_log "$vm: QEMU started (mac $mac, disk ${disk:-none})"
+}
+
+# kv_vm_elapsed VM: seconds since VM's QEMU was started.
+kv_vm_elapsed() { kv_since "${KV_VM_START[$1]}"; }
+
+# console_offset VM: current size of VM's console log, to pass to wait_console
+# so that it only looks at what comes after (e.g. the second start).
+console_offset() { stat -c %s "$(kv_console "$1")" 2>/dev/null || echo 0; }
+
+# wait_console VM REGEX TIMEOUT [OFFSET]: wait until VM's console log has a
+# line matching the extended regular expression (after byte OFFSET). Fails
+# after TIMEOUT seconds or as soon as QEMU is gone, showing the log's tail.
+wait_console() {
+	local vm=$1 re=$2 timeout=$3 off=${4:-0} log deadline
+	log=$(kv_console "$vm")
+	deadline=$(awk -v n="$(kv_now)" -v t="$timeout" 'BEGIN { printf "%.3f", n + t }')
+	while :; do
+		if tail -c +"$((off + 1))" "$log" 2>/dev/null | tr -d '\r' | grep -qE -- "$re"; then
+			return 0
+		fi
+		if ! kv_vm_alive "$vm"; then
+			# One last look: QEMU may have written the line just before exiting.
+			tail -c +"$((off + 1))" "$log" 2>/dev/null | tr -d '\r' | grep -qE -- "$re" && return 0
+			kv_log "$vm: QEMU is not running; '$re' never appeared. QEMU said:"
+			sed 's/^/    /' "$KV_WORKDIR/$vm.qemu.log" >&2
+			kv_show_console "$vm"
+			return 1
+		fi
+		if awk -v n="$(kv_now)" -v d="$deadline" 'BEGIN { exit !(n > d) }'; then
+			kv_log "$vm: no '$re' on the console within ${timeout}s"
+			kv_show_console "$vm"
+			return 1
+		fi
+		sleep 0.2
+	done
+}
+
+# kv_show_console VM [LINES]: print the end of VM's console log.
+kv_show_console() {
+	kv_log "$1: last ${2:-30} console lines:"
+	tail -n "${2:-30}" "$(kv_console "$1")" 2>/dev/null | tr -d '\r' | sed 's/^/    | /' >&2
+}
+
+# vm_exec VM 'COMMAND' [TIMEOUT]: run a shell command line in the guest over
+# the ttyS1 command channel; prints its output (stdout+stderr) and returns its
+# exit status (124 on timeout). One command at a time per VM.
+vm_exec() {
+	local vm=$1 cmd=$2 timeout=${3:-20}
+	wait_console "$vm" 'kube-vip-appliance: control channel on' "$timeout" >/dev/null 2>&1 ||
+		kv_die "$vm: no command channel (is kva.ctl=ttyS1 on the kernel command line?)"
+	"$KV_PYTHON" - "$KV_WORKDIR/$vm.ctl" "$cmd" "$timeout" <<'PY'
+import os, re, socket, sys, time
+path, cmd, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+token = os.urandom(6).hex()
+# stdin from /dev/null so a command cannot swallow the next ones; the end
+# marker is printed with a format so an echo of this line could not match it.
+if "\n" in cmd:
+    sys.exit("vm_exec: the command must be a single line")
+line = "{ %s ;} </dev/null 2>&1; printf '\\n%%s %%d\\n' \"@@KVEND-%s\" $?\n" % (cmd, token)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(path)
+s.sendall(line.encode())
+buf = b""
+end = time.monotonic() + timeout
+pat = re.compile(rb"\n?@@KVEND-" + token.encode() + rb" (\d+)\n")
+while time.monotonic() < end:
+    s.settimeout(max(0.05, end - time.monotonic()))
+    try:
+        chunk = s.recv(65536)
+    except socket.timeout:
+        break
+    if not chunk:
+        break
+    buf += chunk
+    m = pat.search(buf)
+    if m:
+        sys.stdout.write(buf[:m.start()].decode(errors="replace").replace("\r", ""))
+        if not buf[:m.start()].endswith(b"\n") and m.start() > 0:
+            sys.stdout.write("\n")
+        sys.exit(int(m.group(1)))
+sys.stdout.write(buf.decode(errors="replace"))
+sys.stderr.write("vm_exec: timed out after %gs\n" % timeout)
+sys.exit(124)
+PY
+}
+
+# vm_poweroff VM [TIMEOUT]: clean shutdown from inside (busybox poweroff, so
+# the shutdown script stops kube-vip first); kills QEMU if it is still there
+# after TIMEOUT seconds (default 30). Returns 1 if it had to kill.
+vm_poweroff() {
+	local vm=$1 timeout=${2:-30} i
+	kv_vm_alive "$vm" || return 0
+	# busybox poweroff only signals init and returns, so the answer still
+	# comes back. (A bare write-and-close on the socket can be lost.)
+	vm_exec "$vm" poweroff 10 >/dev/null 2>&1 || kv_log "$vm: poweroff over the command channel failed"
+	for ((i = 0; i < timeout * 5; i++)); do
+		kv_vm_alive "$vm" || {
+			kv_log "$vm: powered off"
+			return 0
+		}
+		sleep 0.2
+	done
+	kv_log "$vm: did not power off within ${timeout}s, killing it"
+	vm_kill "$vm"
+	return 1
+}
+
+# vm_kill VM: stop VM's QEMU at once (like pulling the plug).
+vm_kill() {
+	local vm=$1 pid i
+	pid=$(kv_vm_pid "$vm")
+	[[ -n $pid ]] || return 0
+	kill -TERM "$pid" 2>/dev/null || return 0
+	for ((i = 0; i < 25; i++)); do
+		kill -0 "$pid" 2>/dev/null || return 0
+		sleep 0.2
+	done
+	kill -KILL "$pid" 2>/dev/null || true
+}
+
+# kv_make_certs DIR IP...: self-signed CA and a server certificate for the
+# stand-in apiservers, valid for the given IPs (VIP, backends) and the usual
+# in-cluster names. Writes DIR/{ca.crt,ca.key,server.crt,server.key}.
+kv_make_certs() { "$KV_LIB_DIR/backend/make-certs" "$@" >/dev/null; }
+
+# kv_backend_start NAME ADDR CERTDIR [PORT]: start the stand-in kube-apiserver
+# in host NAME's namespace on ADDR:PORT (default 6444); waits until it listens.
+kv_backend_start() {
+	local name=$1 addr=$2 certs=$3 port=${4:-6444} i
+	kv_ns "$name" "$KV_PYTHON" "$KV_LIB_DIR/backend/fake-apiserver.py" \
+		--name "$name" --address "$addr" --port "$port" \
+		--cert "$certs/server.crt" --key "$certs/server.key" \
+		</dev/null >"$KV_WORKDIR/$name.backend.log" 2>&1 &
+	for ((i = 0; i < 50; i++)); do
+		grep -q '^listening' "$KV_WORKDIR/$name.backend.log" 2>/dev/null && return 0
+		sleep 0.1
+	done
+	cat "$KV_WORKDIR/$name.backend.log" >&2
+	kv_die "backend $name did not start"
+}
+
+# kv_kubeconfig SERVER_URL CA_FILE OUT: a kubeconfig for kubectl with a dummy
+# token: the stand-in apiserver ignores it, and without any credentials
+# kubectl stops to prompt for a user name.
+kv_kubeconfig() {
+	cat >"$3" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: kube-vip-test
+  cluster:
+    server: $1
+    certificate-authority: $2
+users:
+- name: anonymous
+  user: {token: kube-vip-test}
+contexts:
+- name: kube-vip-test
+  context: {cluster: kube-vip-test, user: anonymous}
+current-context: kube-vip-test
+EOF
+}
