@@ -85,7 +85,6 @@ pub struct Peer {
 
 impl Peer {
     /// The peer's Raft endpoint.
-    #[allow(dead_code)] // the Raft cluster's, landing next
     pub fn socket_addr(&self) -> SocketAddr {
         SocketAddr::new(self.address, self.port.0)
     }

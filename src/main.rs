@@ -2,13 +2,17 @@
 
 mod agent;
 mod cli;
+mod cluster;
 mod config;
 mod lb;
 mod shutdown;
 mod vip;
 
+use std::collections::HashMap;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use log::{error, info};
@@ -120,12 +124,74 @@ async fn run(config: Config, disable_vip: bool) -> Result<(), Box<dyn std::error
         info!("shutting down");
         trigger.fire();
     });
-    if !config.single_node {
-        return Err("clustered mode (singleNode: false) needs the Raft cluster, which this build does not have yet; set singleNode: true".into());
+    if config.single_node {
+        // Alone, this node is always entitled to the VIP; the sender lives as long as the agent.
+        let (_role_tx, role_rx) = watch::channel(Role::Leader);
+        agent::run(config, disable_vip, role_rx, shutdown).await?;
+        return Ok(());
     }
-    // Alone, this node is always entitled to the VIP; the sender lives as long as the agent.
-    let (_role_tx, role_rx) = watch::channel(Role::Leader);
-    agent::run(config, disable_vip, role_rx, shutdown).await?;
+    run_clustered(config, disable_vip, shutdown).await
+}
+
+/// Clustered mode: Raft decides, the agent acts, and on SIGTERM the VIP goes before leadership
+/// is handed over.
+async fn run_clustered(
+    config: Config,
+    disable_vip: bool,
+    shutdown: shutdown::Shutdown,
+) -> Result<(), Box<dyn std::error::Error>> {
+    // Before anything else: a VIP on our interface now was left by a killed earlier run, and
+    // this node holds nothing by right until Raft says so.
+    if !disable_vip {
+        vip::remove_stale(&config.interface, config.vip).await?;
+    }
+    let local = config
+        .local_peer
+        .clone()
+        .ok_or("localPeer is required unless singleNode is true")?;
+    let peer = |p: &config::Peer| cluster::PeerInfo {
+        id: p.id.clone(),
+        addr: p.socket_addr(),
+    };
+    let settings = cluster::ClusterSettings {
+        local: peer(&local),
+        remotes: config.remote_peers.iter().map(peer).collect(),
+        start_as_leader: config.start_as_leader,
+        heartbeat_ms: config.heartbeat_ms(),
+        election_timeout_min_ms: config.election_timeout_min_ms(),
+        election_timeout_max_ms: config.election_timeout_max_ms(),
+        state_dir: config.state_dir(),
+    };
+    let cluster = cluster::Cluster::start(settings).await?;
+    info!(
+        "joined cluster as {} ({}) with {} peer(s); state in {}",
+        local.id,
+        local.socket_addr(),
+        config.remote_peers.len(),
+        config.state_dir().display()
+    );
+    let addrs: HashMap<cluster::NodeId, SocketAddr> = config
+        .all_peers()
+        .map(|p| (cluster::node_id(&p.id), p.socket_addr()))
+        .collect();
+    let lease = agent::leadership::vip_lease(
+        Duration::from_millis(config.heartbeat_ms()),
+        Duration::from_millis(config.election_timeout_max_ms()),
+    );
+    let (role_tx, role_rx) = watch::channel(Role::Follower);
+    let follower = tokio::spawn(agent::leadership::follow(
+        cluster.metrics(),
+        lease,
+        role_tx,
+        move |id| addrs.get(&id).copied(),
+    ));
+    let result = agent::run(config, disable_vip, role_rx, shutdown).await;
+    // The agent has removed the VIP by now, so a successor may take it at once.
+    if let Err(e) = cluster.hand_over_and_shutdown().await {
+        error!("handover: {e}");
+    }
+    follower.abort();
+    result?;
     Ok(())
 }
 

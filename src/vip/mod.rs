@@ -5,7 +5,11 @@
 //! - listens to netlink link and address events (and re-checks every [`RECONCILE_INTERVAL`] in
 //!   case an event was lost) and puts the address back if someone removes it,
 //! - announces the VIP in a burst when taken, again whenever it had to be put back or the link
-//!   comes back up, and then every `arpRefreshSeconds`.
+//!   comes back up, and then every `arpRefreshSeconds`;
+//! - renews the address's lifetime every [`RECONCILE_INTERVAL`]. The address is added with a
+//!   valid lifetime of [`ADDRESS_LIFETIME_SECS`], so if this process dies without removing it
+//!   (`kill -9`) or freezes, the kernel deletes the VIP by itself instead of answering ARP for
+//!   it forever. A restart removes a leftover VIP sooner ([`remove_stale`]).
 
 pub mod announce;
 pub mod netlink;
@@ -28,6 +32,10 @@ use netlink::{add_address, address_of, find_address, link, remove_address, Link}
 /// Fallback check of the address and link when no netlink event arrives; bounds how long a
 /// removed VIP can stay missing even if events are dropped (netlink multicast may overflow).
 pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
+/// Valid (and preferred) lifetime of the VIP address, renewed every [`RECONCILE_INTERVAL`]:
+/// the longest a dead holder's VIP outlives it. The kernel counts lifetimes in whole seconds
+/// and checks them about once a second, so 3 s leaves room for a late renewal.
+pub const ADDRESS_LIFETIME_SECS: u32 = 3;
 /// Gap between the first and second announcement of a burst; each later gap doubles
 /// (0, 0.25, 0.75, 1.75, 3.75 s for five rounds), so a lost first frame costs 250 ms, and the
 /// later rounds are spaced past Linux's 1 s neighbour `locktime`.
@@ -67,7 +75,14 @@ impl VipHolder {
     pub async fn take(settings: VipSettings) -> Result<VipHolder, NetlinkError> {
         let handle = netlink::connect()?;
         let l = link(&handle, &settings.interface).await?;
-        add_address(&handle, l.index, settings.address, &settings.interface).await?;
+        add_address(
+            &handle,
+            l.index,
+            settings.address,
+            &settings.interface,
+            ADDRESS_LIFETIME_SECS,
+        )
+        .await?;
         info!(
             "VIP {} bound to {} (MAC {})",
             settings.address,
@@ -106,7 +121,6 @@ impl VipHolder {
 /// Removes the VIP if it is on the interface although this process does not hold it — left by
 /// a crashed or killed instance, whose kernel would otherwise keep answering ARP for it.
 /// Returns whether something was removed. A missing interface is not an error here.
-#[allow(dead_code)] // the Raft cluster's, landing next
 pub async fn remove_stale(interface: &str, address: IpAddr) -> Result<bool, NetlinkError> {
     let handle = netlink::connect()?;
     let l = match link(&handle, interface).await {
@@ -265,8 +279,16 @@ async fn reconcile(
     let present = find_address(handle, l.index, s.address, &s.interface)
         .await?
         .is_some();
+    // Renews the lifetime when present, puts the address back when not.
+    add_address(
+        handle,
+        l.index,
+        s.address,
+        &s.interface,
+        ADDRESS_LIFETIME_SECS,
+    )
+    .await?;
     if !present {
-        add_address(handle, l.index, s.address, &s.interface).await?;
         warn!(
             "VIP {} was removed from {} from outside; put it back",
             s.address, s.interface

@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use futures::TryStreamExt;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, CacheInfo};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::Handle;
 
@@ -140,14 +140,22 @@ pub fn host_prefix(ip: IpAddr) -> u8 {
     }
 }
 
-/// Adds `ip` as a host address; adding one that is already there succeeds (NLM_F_REPLACE).
+/// Adds `ip` as a host address that the kernel deletes by itself `lifetime_secs` after the last
+/// call; adding one that is already there succeeds and restarts its lifetime (NLM_F_REPLACE).
 pub async fn add_address(
     handle: &Handle,
     index: u32,
     ip: IpAddr,
     iface: &str,
+    lifetime_secs: u32,
 ) -> Result<(), NetlinkError> {
     let mut req = handle.address().add(index, ip, host_prefix(ip)).replace();
+    let mut lifetime = CacheInfo::default();
+    lifetime.ifa_preferred = lifetime_secs;
+    lifetime.ifa_valid = lifetime_secs;
+    req.message_mut()
+        .attributes
+        .push(AddressAttribute::CacheInfo(lifetime));
     if ip.is_ipv6() {
         // Without NODAD the address stays tentative for a second or more and cannot be used
         // (nor announced) while duplicate address detection runs; the VIP is ours by election.

@@ -1,14 +1,17 @@
 //! The one place where leadership becomes VIP and load-balancer actions.
 //!
-//! The agent watches a [`Role`] signal — constant `Leader` in single-node mode, fed by the Raft
-//! cluster otherwise — and converges on it:
+//! The agent watches a [`Role`] signal — constant `Leader` in single-node mode, fed from Raft
+//! metrics by [`leadership::follow`] otherwise — and converges on it:
 //! - `Leader`: add the VIP, announce it, then start the `bindToVip` load balancers;
+//! - `Lapsed`: remove the VIP, keep the load balancers and their connections;
 //! - `Follower`: stop the `bindToVip` load balancers (no new connections on an address we are
 //!   about to lose), then remove the VIP.
 //!
 //! Load balancers without `bindToVip` listen on every address and run for the agent's whole life.
 //! A step that fails (interface missing, port taken) is logged and retried every
 //! [`RETRY_INTERVAL`]; giving up would leave a leader without a VIP for good.
+
+pub mod leadership;
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -19,7 +22,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::lb::{self, ListenError, RunningLb};
 use crate::shutdown::Shutdown;
-use crate::vip::{VipHolder, VipSettings};
+use crate::vip::{self, VipHolder, VipSettings};
 
 /// Pause before retrying a step that failed.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -29,6 +32,9 @@ pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 pub enum Role {
     /// Entitled to hold the VIP: no other node can legitimately hold it now.
     Leader,
+    /// Raft leader whose lease lapsed: must not hold the VIP, but keeps its listeners and
+    /// their connections, which work again if the lease comes back before leadership goes.
+    Lapsed,
     /// Must not hold the VIP: another node may hold it, or we cannot tell.
     Follower,
 }
@@ -43,6 +49,8 @@ struct Agent {
     holder: Option<VipHolder>,
     /// Running `bindToVip` load balancers (only while leader).
     vip_lbs: Vec<RunningLb>,
+    /// A release failed: the address may still be on the interface.
+    leftover: bool,
 }
 
 /// A fatal start-up failure of the agent.
@@ -51,6 +59,9 @@ pub enum AgentError {
     /// A load balancer that listens on all addresses could not bind.
     #[error(transparent)]
     Listen(#[from] ListenError),
+    /// The leadership signal ended (Raft stopped) while we were not shutting down.
+    #[error("the Raft cluster stopped; the VIP was dropped")]
+    LeadershipLost,
 }
 
 /// Runs the agent until `shutdown`; on return the VIP is released and every listener closed.
@@ -85,7 +96,9 @@ pub async fn run(
         vip,
         holder: None,
         vip_lbs: Vec::new(),
+        leftover: false,
     };
+    let mut result = Ok(());
     loop {
         let want = *role.borrow_and_update();
         let settled = agent.converge(want).await;
@@ -94,14 +107,18 @@ pub async fn run(
             changed = role.changed() => if changed.is_err() {
                 // The leadership source is gone: we can no longer know we are entitled.
                 error!("leadership signal lost; dropping the VIP");
+                result = Err(AgentError::LeadershipLost);
                 break;
             },
             _ = tokio::time::sleep(RETRY_INTERVAL), if !settled => {}
         }
     }
-    agent.converge(Role::Follower).await;
+    // Retried until done: leaving on an error here would leave the VIP behind.
+    while !agent.converge(Role::Follower).await {
+        tokio::time::sleep(RETRY_INTERVAL).await;
+    }
     stop_all(always).await;
-    Ok(())
+    result
 }
 
 impl Agent {
@@ -109,17 +126,33 @@ impl Agent {
     async fn converge(&mut self, role: Role) -> bool {
         match role {
             Role::Leader => self.lead().await,
+            Role::Lapsed => self.release_vip().await,
             Role::Follower => {
                 stop_all(std::mem::take(&mut self.vip_lbs)).await;
-                if let Some(holder) = self.holder.take() {
-                    if let Err(e) = holder.release().await {
-                        error!("cannot remove VIP: {e}");
-                        return false;
-                    }
-                }
-                true
+                self.release_vip().await
             }
         }
+    }
+
+    async fn release_vip(&mut self) -> bool {
+        if let Some(holder) = self.holder.take() {
+            if let Err(e) = holder.release().await {
+                error!("cannot remove VIP: {e}; retrying");
+                self.leftover = true;
+                return false;
+            }
+        }
+        if self.leftover {
+            let s = self.vip.as_ref().map(|s| (s.interface.clone(), s.address));
+            if let Some((iface, ip)) = s {
+                if let Err(e) = vip::remove_stale(&iface, ip).await {
+                    error!("cannot remove VIP: {e}; retrying");
+                    return false;
+                }
+            }
+            self.leftover = false;
+        }
+        true
     }
 
     async fn lead(&mut self) -> bool {

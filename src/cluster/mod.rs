@@ -1,0 +1,558 @@
+//! Leader election for kube-vip over Raft (openraft 0.9.25, storage-v2).
+//!
+//! The cluster replicates no application data; it only decides which node is
+//! leader, i.e. which node may hold the virtual IP.
+//!
+//! ```text
+//! Cluster::start ─┬─ store.rs    vote + log + snapshot files in state_dir (fsync'd)
+//!                 ├─ network.rs  TCP listener + one outgoing connection per peer
+//!                 └─ openraft    elections, heartbeats, metrics
+//! ```
+//!
+//! # What the VIP agent must watch
+//!
+//! openraft 0.9.25 has **no step-down on lost quorum**: a leader cut off from
+//! the majority stays in `ServerState::Leader` until it hears of a higher term,
+//! i.e. until the partition heals. `state == Leader` alone is therefore not a
+//! licence to hold the VIP. Watch [`Cluster::metrics`] and hold the VIP only while
+//!
+//! ```text
+//! m.state == ServerState::Leader
+//!   && m.millis_since_quorum_ack.is_some_and(|ms| ms + since_received_ms < VIP_LEASE_MS)
+//! ```
+//!
+//! where `since_received_ms` is the time since that metrics value arrived on
+//! the watch channel. Drop the VIP *before* calling
+//! [`Cluster::hand_over_and_shutdown`].
+//!
+//! Semantics of `RaftMetrics::millis_since_quorum_ack` in 0.9.25 (read from
+//! `RaftCore::report_metrics`, `Leader::last_quorum_acked_time` and
+//! `ReplicationCore::send_log_entries`, then measured with `check.sh`):
+//!
+//! * `None` on followers, candidates and learners, and on a new leader until
+//!   a quorum has acknowledged one of its AppendEntries (vote replies do not
+//!   count). Treat `None` as "no lease".
+//! * Otherwise: milliseconds since the *send time* of the most recent
+//!   AppendEntries (heartbeat or log) that a quorum has acknowledged, the
+//!   leader counting itself.
+//! * It is a snapshot taken when openraft publishes metrics, not a live clock.
+//!   openraft publishes after every event it handles, so at least on every
+//!   timer tick (`heartbeat_interval * 3/2`, 75 ms by default, which is also the
+//!   real heartbeat period) and right after each acknowledgement. Measured
+//!   with the defaults: healthy values 0–76 ms (usually 0–1: published just
+//!   after an ack); with the leader isolated it grows with wall time (228 ms
+//!   at +250 ms, ~3000 ms at +3 s) while `state` stays `Leader`. If no metrics
+//!   arrive for a few ticks (RaftCore stuck), the last value goes stale; hence
+//!   `since_received_ms` above.
+//!
+//! Choosing `VIP_LEASE_MS`: a follower refuses to vote for anyone for
+//! `election_timeout_max` after the last heartbeat it accepted. This is
+//! openraft's follower-side *leader lease* (`Engine::handle_vote_req`); its
+//! length is the `election_timeout_max` config field. A follower holding a
+//! committed vote also waits `election_timeout_max` + its random election
+//! timeout before it stands itself. Any majority that elects a new leader
+//! includes a node that acknowledged our last quorum-acked heartbeat (or
+//! includes us, and then we have already stepped down). So no other node can
+//! become leader earlier than `election_timeout_max` after the send time that
+//! `millis_since_quorum_ack` counts from. Drop the VIP well before that, e.g.
+//! `VIP_LEASE_MS = election_timeout_max - 2 * heartbeat_interval` (200 ms with
+//! the defaults). That is above the healthy 76 ms, and leaves 100 ms to remove
+//! the address. Longer election timeouts widen both margins.
+//!
+//! # Leadership transfer
+//!
+//! openraft 0.9.25 has no `transfer_leader` and no TimeoutNow message. It has
+//! `raft.trigger().elect()`: start an election now, even while
+//! `enable_elect(false)`. [`Cluster::hand_over_and_shutdown`] builds a
+//! handover on top of it. The leader asks an up-to-date follower, through our
+//! own [`network::Request::Handover`], to call `trigger().elect()`. The
+//! follower lease above makes the *other* followers refuse that candidate,
+//! but the old leader grants it. A leader stamps its own vote when it wins and
+//! never refreshes that stamp, so its lease check has expired once it has led
+//! for `election_timeout_max`. In a 3-node cluster the old leader's vote plus
+//! the candidate's own make a majority: measured 3–26 ms from SIGTERM to the
+//! new leader, mostly vote fsyncs. A leader younger than
+//! `election_timeout_max` first waits out its own lease (measured: 305 ms
+//! when it had led for 24 ms). Without that wait the candidate's first round
+//! fails and it retries after its election timeout (up to ~465 ms). With 5 or
+//! more voters the candidate also needs followers whose lease has run out, so
+//! the handover can take up to `election_timeout_max` longer. Heartbeats are
+//! stopped first so that those leases start running out at once.
+//!
+//! # Restarts
+//!
+//! * A node restarted with state never re-initializes, even with
+//!   `start_as_leader`.
+//! * openraft restores a node whose saved vote is its own committed vote
+//!   directly as `Leader`. We demote that vote to uncommitted on load
+//!   ([`store::LogStore::demote_own_leader_vote`]), so the node comes back as a
+//!   follower and does not briefly claim leadership.
+//! * openraft 0.9 has no pre-vote: a node that times out bumps the term and a
+//!   healthy leader steps down when it sees it. A restarted node therefore
+//!   does not stand for election during its first `election_timeout_max`
+//!   (`enable_elect(false)`), giving the current leader time to reach it, and
+//!   the transport retries unreachable peers every heartbeat interval instead
+//!   of openraft's default 500 ms.
+
+pub mod network;
+pub mod store;
+pub mod types;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, TryLockError};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use openraft::error::{InitializeError, RaftError};
+use openraft::{Config, ServerState, SnapshotPolicy};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use self::store::StoreError;
+pub use self::types::{node_id, Metrics, Node, NodeId, PeerInfo, Raft};
+
+use self::network::{Network, PeerMap};
+use self::store::{LogStore, StateMachineStore};
+
+/// Lock file in the state directory: one process per state directory.
+pub const LOCK_FILE: &str = "LOCK";
+
+/// Openraft `cluster_name`; only appears in openraft's own tracing spans.
+const CLUSTER_NAME: &str = "kube-vip";
+
+/// Build a snapshot (and later purge the log) after this many applied entries.
+/// The log grows by one blank entry per term, so this is rarely reached; it
+/// exists so the log cannot grow without bound on a flapping cluster.
+const SNAPSHOT_EVERY_ENTRIES: u64 = 1000;
+
+/// Slack added to the end of our own vote lease before a handover (clock
+/// reads and the metrics hop are not instantaneous).
+const LEASE_MARGIN: Duration = Duration::from_millis(10);
+
+/// Records when this node becomes leader; `None` while it is not.
+async fn watch_leadership(mut rx: watch::Receiver<Metrics>, since: Arc<Mutex<Option<Instant>>>) {
+    loop {
+        let leading = rx.borrow_and_update().state == ServerState::Leader;
+        {
+            let mut s = since.lock().unwrap_or_else(PoisonError::into_inner);
+            match (leading, s.is_some()) {
+                (true, false) => *s = Some(Instant::now()),
+                (false, true) => *s = None,
+                _ => {}
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Errors of the cluster module.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The settings are inconsistent (duplicate ids, hash collision, ...).
+    #[error("invalid cluster settings: {0}")]
+    Settings(String),
+    /// The timing settings are rejected by openraft (`Config::validate`).
+    #[error("invalid raft timing settings: {0}")]
+    Config(String),
+    /// The state directory could not be opened or holds corrupt state.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Another process holds the state directory.
+    #[error("state directory {} is in use by another process", path.display())]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// The Raft listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address from `local.addr`.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// openraft failed to start or to initialize the membership.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// A planned handover did not produce a new leader (this node was stopped anyway).
+    #[error("handover failed: {0}")]
+    Handover(String),
+}
+
+/// Everything [`Cluster::start`] needs.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// This node (`localPeer`).
+    pub local: PeerInfo,
+    /// The other members (`remotePeers`).
+    pub remotes: Vec<PeerInfo>,
+    /// Bootstrap the cluster from this node if its state directory is fresh.
+    pub start_as_leader: bool,
+    /// Leader heartbeat interval (openraft `heartbeat_interval`), ms.
+    pub heartbeat_ms: u64,
+    /// Lower bound of the random election timeout, ms; must exceed `heartbeat_ms`.
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the random election timeout, ms; also the follower leader lease.
+    pub election_timeout_max_ms: u64,
+    /// Directory for the vote, log and snapshot files (created if missing).
+    pub state_dir: PathBuf,
+}
+
+impl ClusterSettings {
+    /// Checks ids and builds the node-id → peer map (local node included).
+    fn peer_map(&self) -> Result<PeerMap, ClusterError> {
+        let mut map = PeerMap::new();
+        let mut addrs = BTreeSet::new();
+        for p in std::iter::once(&self.local).chain(&self.remotes) {
+            if p.id.is_empty() {
+                return Err(ClusterError::Settings("a peer has an empty id".into()));
+            }
+            let id = node_id(&p.id);
+            if id == 0 {
+                return Err(ClusterError::Settings(format!(
+                    "peer id {:?} hashes to node id 0, which openraft reserves; rename it",
+                    p.id
+                )));
+            }
+            if !addrs.insert(p.addr) {
+                return Err(ClusterError::Settings(format!(
+                    "address {} is used by more than one peer",
+                    p.addr
+                )));
+            }
+            if let Some(other) = map.insert(id, p.clone()) {
+                return Err(ClusterError::Settings(if other.id == p.id {
+                    format!("peer id {:?} appears more than once", p.id)
+                } else {
+                    format!(
+                        "peer ids {:?} and {:?} hash to the same node id {id:#x}; rename one",
+                        other.id, p.id
+                    )
+                }));
+            }
+        }
+        Ok(map)
+    }
+
+    /// The openraft config for these settings, validated.
+    fn raft_config(&self) -> Result<Config, ClusterError> {
+        let config = Config {
+            cluster_name: CLUSTER_NAME.to_string(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_ENTRIES),
+            ..Default::default()
+        };
+        if self.heartbeat_ms == 0 {
+            return Err(ClusterError::Settings("heartbeat_ms must be > 0".into()));
+        }
+        config
+            .validate()
+            .map_err(|e| ClusterError::Config(e.to_string()))
+    }
+}
+
+/// A running cluster member.
+pub struct Cluster {
+    raft: Raft,
+    me: NodeId,
+    peers: Arc<PeerMap>,
+    network: Network,
+    settings: ClusterSettings,
+    server: JoinHandle<()>,
+    /// When this node last became leader (see [`Cluster::hand_over`]).
+    leader_since: Arc<Mutex<Option<Instant>>>,
+    /// Keeps `leader_since` up to date.
+    leader_watch: JoinHandle<()>,
+    /// Held for the life of the node; the OS releases the lock if we die.
+    _lock: File,
+}
+
+impl Cluster {
+    /// Opens/creates persistent state in `state_dir`, binds the TCP listener on
+    /// `local.addr`, starts Raft.
+    ///
+    /// If `start_as_leader` and the store is fresh (never initialized), it
+    /// initializes the membership with all peers and stands for election at
+    /// once. Other fresh nodes wait to be contacted by the leader. A node
+    /// restarted with existing state (including the `start_as_leader` one)
+    /// rejoins as a follower.
+    pub async fn start(s: ClusterSettings) -> Result<Cluster, ClusterError> {
+        let peers = Arc::new(s.peer_map()?);
+        let me = node_id(&s.local.id);
+        let config = s.raft_config()?;
+
+        fs::create_dir_all(&s.state_dir).map_err(|source| StoreError::Io {
+            action: "create directory",
+            path: s.state_dir.clone(),
+            source,
+        })?;
+        let lock_path = s.state_dir.join(LOCK_FILE);
+        let lock = File::create(&lock_path).map_err(|source| StoreError::Io {
+            action: "create",
+            path: lock_path.clone(),
+            source,
+        })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Err(ClusterError::Locked { path: lock_path }),
+            Err(TryLockError::Error(source)) => {
+                return Err(StoreError::Io {
+                    action: "lock",
+                    path: lock_path,
+                    source,
+                }
+                .into())
+            }
+        }
+
+        let log_store = LogStore::open(&s.state_dir)?;
+        let state_machine = StateMachineStore::open(&s.state_dir)?;
+        let fresh = log_store.is_fresh();
+        if log_store.demote_own_leader_vote(me) {
+            log::info!("was leader before the restart; rejoining as a follower");
+        }
+
+        // Bind before starting Raft: a wrong address must fail start(), and a
+        // follower must be reachable as soon as its Raft runs.
+        let listener =
+            TcpListener::bind(s.local.addr)
+                .await
+                .map_err(|source| ClusterError::Bind {
+                    addr: s.local.addr,
+                    source,
+                })?;
+
+        let network = Network::new(
+            me,
+            s.local.addr.ip(),
+            peers.clone(),
+            Duration::from_millis(s.heartbeat_ms),
+        );
+        let raft = Raft::new(
+            me,
+            Arc::new(config),
+            network.clone(),
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(|e| ClusterError::Raft(e.to_string()))?;
+
+        if !fresh {
+            // No pre-vote in openraft 0.9: give the sitting leader one lease
+            // period to reach us before we may bump the term.
+            raft.runtime_config().elect(false);
+            let r = raft.clone();
+            let grace = Duration::from_millis(s.election_timeout_max_ms);
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                r.runtime_config().elect(true);
+            });
+        }
+
+        let no_votes_until =
+            tokio::time::Instant::now() + Duration::from_millis(s.election_timeout_max_ms);
+        let server = tokio::spawn(network::serve(
+            listener,
+            raft.clone(),
+            me,
+            peers.clone(),
+            no_votes_until,
+        ));
+        let leader_since = Arc::new(Mutex::new(None));
+        let leader_watch = tokio::spawn(watch_leadership(raft.metrics(), leader_since.clone()));
+
+        let cluster = Cluster {
+            raft,
+            me,
+            peers,
+            network,
+            settings: s,
+            server,
+            leader_since,
+            leader_watch,
+            _lock: lock,
+        };
+
+        if fresh && cluster.settings.start_as_leader {
+            let members: BTreeMap<NodeId, Node> = cluster
+                .peers
+                .iter()
+                .map(|(id, p)| {
+                    (
+                        *id,
+                        Node {
+                            peer_id: p.id.clone(),
+                            addr: p.addr.to_string(),
+                        },
+                    )
+                })
+                .collect();
+            log::info!(
+                "fresh state and start_as_leader: initializing a cluster of {} nodes",
+                members.len()
+            );
+            match cluster.raft.initialize(members).await {
+                Ok(()) => {}
+                // Someone already wrote state (can only be us); nothing to do.
+                Err(RaftError::APIError(InitializeError::NotAllowed(e))) => {
+                    log::info!("cluster already initialized: {e}");
+                }
+                Err(e) => {
+                    let err = ClusterError::Raft(format!("initialize: {e}"));
+                    cluster.shutdown().await;
+                    return Err(err);
+                }
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// openraft metrics watch (state, current_leader, millis_since_quorum_ack, vote, ...).
+    pub fn metrics(&self) -> watch::Receiver<Metrics> {
+        self.raft.metrics()
+    }
+
+    /// Address of a node id (for log lines like "The Node [192.168.0.71:10000] is leading").
+    pub fn peer_addr(&self, id: NodeId) -> Option<SocketAddr> {
+        self.peers.get(&id).map(|p| p.addr)
+    }
+
+    /// Configured peer id string of a node id.
+    pub fn peer_name(&self, id: NodeId) -> Option<&str> {
+        self.peers.get(&id).map(|p| p.id.as_str())
+    }
+
+    /// Planned handover, called on the leader at SIGTERM: make another node
+    /// leader as fast as possible, then stop this node's Raft.
+    ///
+    /// Picks a voter that has this leader's whole log (the others would
+    /// refuse any other), preferring the one that answered most recently,
+    /// stops heartbeats, sends it [`network::Request::Handover`] (falling back
+    /// to the next candidate if it cannot be reached), and waits until this
+    /// node sees another leader (bounded by `3 * election_timeout_max`). On a
+    /// non-leader it just shuts down. The node is shut down in every case; an
+    /// `Err` only reports that no new leader was seen in time.
+    pub async fn hand_over_and_shutdown(self) -> Result<(), ClusterError> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader {
+            self.shutdown().await;
+            return Ok(());
+        }
+        let res = self.hand_over(&m).await;
+        self.shutdown().await;
+        res.map(|_| ())
+    }
+
+    async fn hand_over(&self, m: &Metrics) -> Result<NodeId, ClusterError> {
+        let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let last = m.last_log_index;
+        // Only a follower holding the whole log can win (voters refuse a
+        // candidate with a shorter log). Among those, try the one that
+        // answered most recently first: the replication metrics still list a
+        // follower that died a moment ago as up to date.
+        let mut candidates: Vec<(Option<Duration>, NodeId)> = m
+            .replication
+            .iter()
+            .flatten()
+            .filter(|(id, matched)| {
+                **id != self.me && voters.contains(*id) && matched.map(|l| l.index) == last
+            })
+            .map(|(id, _)| (self.network.last_answer_age(*id), *id))
+            .collect();
+        candidates.sort_by_key(|(age, id)| (age.is_none(), *age, *id));
+        if candidates.is_empty() {
+            return Err(ClusterError::Handover(
+                "no follower has the leader's whole log".into(),
+            ));
+        }
+        // Stop feeding the followers' leases: with more than 3 voters the
+        // candidate needs some of them, and they refuse until their lease ends.
+        self.raft.runtime_config().heartbeat(false);
+
+        // Our own vote is leased too, from the moment we won the election: a
+        // leader that has led for less than `election_timeout_max` refuses
+        // the candidate, which then retries only after its election timeout
+        // (measured: up to ~465 ms instead of ~5 ms). Waiting out the rest of
+        // the lease is faster. The stamp is taken when the metrics show us as
+        // Leader, just after openraft stamps the vote, so it errs on the late side.
+        let since = *self
+            .leader_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(since) = since {
+            let lease_end =
+                since + Duration::from_millis(self.settings.election_timeout_max_ms) + LEASE_MARGIN;
+            let now = Instant::now();
+            if lease_end > now {
+                log::info!(
+                    "leader for only {} ms: waiting {} ms for our own vote lease to end",
+                    now.duration_since(since).as_millis(),
+                    (lease_end - now).as_millis()
+                );
+                tokio::time::sleep_until(lease_end.into()).await;
+            }
+        }
+
+        let ask_limit = Duration::from_millis(self.settings.election_timeout_min_ms);
+        let mut errors = Vec::new();
+        for (_, target) in &candidates {
+            let name = self.peer_name(*target).unwrap_or("?");
+            log::info!(
+                "handing leadership over to {name} ({})",
+                self.peer_addr(*target)
+                    .map(|a| a.to_string())
+                    .unwrap_or_default()
+            );
+            match self.network.send_handover(*target, ask_limit).await {
+                Ok(()) => return self.wait_for_other_leader().await,
+                Err(e) => {
+                    log::warn!("handover to {name} refused or failed: {e}");
+                    errors.push(format!("{name}: {e}"));
+                }
+            }
+        }
+        Err(ClusterError::Handover(errors.join("; ")))
+    }
+
+    /// Waits until this node sees a leader other than itself.
+    async fn wait_for_other_leader(&self) -> Result<NodeId, ClusterError> {
+        let mut rx = self.raft.metrics();
+        let limit = Duration::from_millis(3 * self.settings.election_timeout_max_ms);
+        let me = self.me;
+        let wait = async {
+            loop {
+                if let Some(l) = rx.borrow_and_update().current_leader.filter(|l| *l != me) {
+                    return Ok(l);
+                }
+                if rx.changed().await.is_err() {
+                    return Err(ClusterError::Handover("raft stopped".into()));
+                }
+            }
+        };
+        match tokio::time::timeout(limit, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(ClusterError::Handover(format!(
+                "no new leader within {limit:?}"
+            ))),
+        }
+    }
+
+    /// Stops Raft, the listener and all peer connections.
+    pub async fn shutdown(self) {
+        if let Err(e) = self.raft.shutdown().await {
+            log::warn!("raft shutdown: {e}");
+        }
+        self.server.abort();
+        self.leader_watch.abort();
+        let _ = self.server.await;
+        self.network.close();
+    }
+}

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Three real kube-vip processes in their own namespaces on a bridge, configured like the guide's
+# seed (three peers, startAsLeader on the first, Raft on :10000), with a client and three
+# backends. Checks: one holder, round-robin through the VIP, kill -9 failover, restarts that
+# must not disturb the leader, a partitioned leader (VIP sampled every 10 ms on all nodes: never
+# two holders), healing, garbage on the Raft port, and a planned handover on SIGTERM.
+source "$(dirname "$0")/../lib.sh"
+source "$ROOT/tests/cluster-lib.sh"
+
+make_cluster_net
+for i in 1 2 3; do node_config "$i"; done
+check "the three seed-shaped configs pass kube-vip check" \
+  bash -c "for i in 1 2 3; do '$KUBE_VIP' check -c '$WORK'/node\$i.yaml >/dev/null 2>&1 || exit 1; done"
+
+start_sampler boot
+for i in 1 2 3; do start_node "$i"; done
+check "a leader takes the VIP" wait_until 5 one_holder
+check "the startAsLeader node (server1) is the first holder" holder_is 1
+check "log names the leader like 0.1 did" grep -q 'The Node \[10.88.0.11:10000\] is leading' "$WORK/node2.log"
+check "log says the VIP is bound" grep -q "VIP $VIP bound to eth0" "$WORK/node1.log"
+sleep 0.5
+stop_sampler boot
+check "boot: never two holders" never_two boot
+
+answers=$(for _ in 1 2 3; do nsx "$CLIENT" python3 "$SUPPORT/client.py" "$VIP" 6443 5 2>/dev/null | cut -d' ' -f1; done | sort | tr '\n' ' ')
+echo "#   three clients answered by: $answers"
+check "the client reaches all three backends through VIP:6443" test "$answers" = "backend1 backend2 backend3 "
+
+# --- follower restart: no leader change, no VIP blip
+start_sampler follower-restart
+m1=$(log_mark 1); m2=$(log_mark 2)
+stop_node 2 KILL
+start_node 2
+check "restarted follower rejoins and follows server1" wait_until 5 log_since 2 "$m2" 'The Node \[10.88.0.11:10000\] is leading'
+sleep 1
+stop_sampler follower-restart
+echo "#   holders seen: $(holders_seen follower-restart)"
+check "follower restart: server1 held the VIP in every sample (no blip)" test "$(holders_seen follower-restart)" = "n1 "
+check "follower restart: server1 stayed leader throughout" bash -c "! { tail -n +$((m1 + 1)) '$WORK/node1.log' | grep -q 'must not hold'; }"
+
+# --- garbage on the Raft port: the peer is logged, nothing else happens
+nsx "$CLIENT" python3 - <<'PY'
+import socket, struct
+for payload in (b"GET / HTTP/1.1\r\n\r\n", struct.pack(">I", 0xFFFFFFFF) + b"x" * 64, b"\x00\x00\x00\x05hello"):
+    s = socket.create_connection(("10.88.0.11", 10000), timeout=2)
+    s.sendall(payload)
+    try:
+        s.recv(100)
+    except OSError:
+        pass
+    s.close()
+PY
+sleep 0.3
+check "garbage on the Raft port is logged with the peer's address" grep -q 'raft connection from 10.88.0.2:' "$WORK/node1.log"
+check "garbage on the Raft port: the leader process is still running" kill -0 "${NODE_PID[1]}"
+check "garbage on the Raft port: still exactly one holder, server1" holder_is 1
+
+# --- kill -9 of the leader
+nsx "$CLIENT" python3 "$SUPPORT/probe.py" "$VIP" 6443 100 0 15 "$WORK/kill.probe" &
+PROBE=$!
+sleep 0.5
+t_kill=$(date +%s%3N)
+stop_node 1 KILL
+# Node 1's kernel keeps the dead process's VIP until the restart below removes it (or its
+# 3 s lifetime runs out), so look for a live node holding it.
+live_holder() { holders | tr ' ' '\n' | grep -vx 1; }
+check "kill -9 of the leader: another node takes the VIP" wait_until 5 live_holder
+t_new=$(date +%s%3N)
+stop_node 1 KILL # nothing left to kill; keeps NODE_PID consistent
+check "kill -9 of the leader: a client connect through the VIP succeeds" \
+  wait_until 5 nsx "$CLIENT" python3 "$SUPPORT/client.py" "$VIP" 6443 1 1
+kill -TERM "$PROBE"; wait "$PROBE" || true
+first_ok=$(awk -v t="$t_kill" '$1 > t && $2 == "ok" {printf "%.0f\n", $1 + $3; exit}' "$WORK/kill.probe")
+echo "#   kill -9: new holder seen after $((t_new - t_kill)) ms, first client success $((first_ok - t_kill)) ms after the kill"
+NEW=$(live_holder)
+
+# --- the killed leader restarts with its state (and its stale VIP): it rejoins as a follower
+start_sampler leader-restart
+m1=$(log_mark 1)
+start_node 1
+check "restarted old leader removes the VIP it was killed with" \
+  wait_until 3 grep -q 'removed VIP .* left there by an earlier run' "$WORK/node1.log"
+check "restarted old leader follows the new leader" wait_until 5 log_since 1 "$m1" "The Node \[${NODE_IP[$NEW]}:10000\] is leading"
+sleep 1
+stop_sampler leader-restart
+echo "#   holders seen: $(holders_seen leader-restart)"
+check "old leader restart: only server$NEW held the VIP (no blip, no second holder)" \
+  test "$(holders_seen leader-restart)" = "n$NEW "
+
+# --- partition the leader (Raft traffic dropped both ways; the LAN still reaches it)
+L=$NEW
+start_sampler partition
+t_part=$(date +%s%3N)
+for chain in INPUT OUTPUT; do
+  for dir in --dport --sport; do nsx "${NODE_NS[$L]}" iptables -A "$chain" -p tcp "$dir" 10000 -j DROP; done
+done
+check "partition: the majority elects a new leader that takes the VIP" wait_until 5 holder_is_not "$L"
+t_took=$(date +%s%3N)
+minority_never() { ! awk '{print $2}' "$WORK/partition.samples" | tail -n +"$1" | grep -q "$(basename "${NODE_NS[$L]}")"; }
+# Samples are 10 ms apart: from 300 ms after the cut the minority must never hold it again.
+sleep 1.5
+check "partition: the cut-off leader (minority) never holds the VIP after its lease" minority_never 30
+for chain in INPUT OUTPUT; do
+  for dir in --dport --sport; do nsx "${NODE_NS[$L]}" iptables -D "$chain" -p tcp "$dir" 10000 -j DROP; done
+done
+sleep 2
+stop_sampler partition
+echo "#   partition: new holder after $((t_took - t_part)) ms; holders seen: $(holders_seen partition)"
+check "partition and heal: no 10 ms sample ever saw two holders" never_two partition
+check "after healing: exactly one holder" one_holder
+
+# --- planned handover: SIGTERM on the leader
+L=$(holders)
+nsx "$CLIENT" python3 "$SUPPORT/probe.py" "$VIP" 6443 100 0 15 "$WORK/term.probe" &
+PROBE=$!
+start_sampler handover
+sleep 0.5
+t_term=$(date +%s%3N)
+stop_node "$L" TERM
+check "SIGTERM on the leader: another node takes the VIP" wait_until 3 holder_is_not "$L"
+check "SIGTERM: the old leader removed the VIP before exiting" bash -c "! ip -n ${NODE_NS[$L]} -o addr show dev eth0 | grep -q '$VIP/'"
+sleep 0.5
+stop_sampler handover
+kill -TERM "$PROBE"; wait "$PROBE" || true
+first_ok=$(awk -v t="$t_term" '$1 > t && $2 == "ok" {printf "%.0f\n", $1 + $3; exit}' "$WORK/term.probe")
+fails=$(awk -v t="$t_term" '$1 > t - 100 && $2 == "fail"' "$WORK/term.probe" | wc -l)
+echo "#   planned handover: first client success $((first_ok - t_term)) ms after SIGTERM; $fails failed tries (100 ms timeout)"
+check "handover: no 10 ms sample saw two holders" never_two handover
+check "handover is logged" grep -qi 'hand' "$WORK/node$L.log"
+check "no panic in any log" bash -c "! grep -qi panick '$WORK'/node*.log"
+[ "$FAIL" -eq 0 ] || { for i in 1 2 3; do echo "# ---- node$i.log"; sed 's/^/#   /' "$WORK/node$i.log" | tail -40; done; }
+summary
