@@ -12,13 +12,14 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use log::{error, info};
 use tokio::sync::watch;
 
-use agent::Role;
+use agent::{Leadership, Role};
 use cli::{Cli, Command, Sample, StartArgs};
 use config::Config;
 
@@ -31,6 +32,8 @@ fn main() -> ExitCode {
     let mut logger = env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or(DEFAULT_LOG_FILTER),
     );
+    // Failover happens in milliseconds; so must the log.
+    logger.format_timestamp_millis();
     if let Some(level) = cli.log {
         logger
             .filter_level(level)
@@ -126,8 +129,8 @@ async fn run(config: Config, disable_vip: bool) -> Result<(), Box<dyn std::error
     });
     if config.single_node {
         // Alone, this node is always entitled to the VIP; the sender lives as long as the agent.
-        let (_role_tx, role_rx) = watch::channel(Role::Leader);
-        agent::run(config, disable_vip, role_rx, shutdown).await?;
+        let (_role_tx, role_rx) = watch::channel(Leadership::now(Role::Leader));
+        agent::run(config, disable_vip, role_rx, None, shutdown).await?;
         return Ok(());
     }
     run_clustered(config, disable_vip, shutdown).await
@@ -162,7 +165,8 @@ async fn run_clustered(
         election_timeout_max_ms: config.election_timeout_max_ms(),
         state_dir: config.state_dir(),
     };
-    let cluster = cluster::Cluster::start(settings).await?;
+    let gate = Arc::new(cluster::VoteGate::default());
+    let cluster = cluster::Cluster::start(settings, gate.clone()).await?;
     info!(
         "joined cluster as {} ({}) with {} peer(s); state in {}",
         local.id,
@@ -178,14 +182,14 @@ async fn run_clustered(
         Duration::from_millis(config.heartbeat_ms()),
         Duration::from_millis(config.election_timeout_max_ms()),
     );
-    let (role_tx, role_rx) = watch::channel(Role::Follower);
+    let (role_tx, role_rx) = watch::channel(Leadership::now(Role::Follower));
     let follower = tokio::spawn(agent::leadership::follow(
         cluster.metrics(),
         lease,
         role_tx,
         move |id| addrs.get(&id).copied(),
     ));
-    let result = agent::run(config, disable_vip, role_rx, shutdown).await;
+    let result = agent::run(config, disable_vip, role_rx, Some(gate), shutdown).await;
     // The agent has removed the VIP by now, so a successor may take it at once.
     if let Err(e) = cluster.hand_over_and_shutdown().await {
         error!("handover: {e}");

@@ -46,7 +46,7 @@ use openraft::ServerState;
 use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
-use super::Role;
+use super::{Leadership, Role};
 use crate::cluster::{Metrics, NodeId};
 
 /// Smallest margin between the end of the VIP lease and the earliest possible new leader.
@@ -88,7 +88,7 @@ pub fn evaluate(
 pub async fn follow(
     mut metrics: watch::Receiver<Metrics>,
     lease: Duration,
-    role: watch::Sender<Role>,
+    role: watch::Sender<Leadership>,
     addr_of: impl Fn(NodeId) -> Option<SocketAddr>,
 ) {
     let mut leader: Option<NodeId> = None;
@@ -106,7 +106,7 @@ pub async fn follow(
         }
         first = false;
         let (now_role, until) = evaluate(&snapshot, received, Instant::now(), lease);
-        let before = *role.borrow();
+        let before = role.borrow().role;
         if before != now_role {
             match now_role {
                 Role::Leader => info!(
@@ -119,12 +119,15 @@ pub async fn follow(
                 ),
                 Role::Follower => info!("not the leader: must not hold the VIP"),
             }
-            role.send_replace(now_role);
+            role.send_replace(Leadership {
+                role: now_role,
+                as_of: received,
+            });
         }
         tokio::select! {
             changed = metrics.changed() => {
                 if changed.is_err() {
-                    role.send_replace(Role::Follower);
+                    role.send_replace(Leadership::now(Role::Follower));
                     return;
                 }
                 snapshot = metrics.borrow_and_update().clone();
@@ -208,19 +211,23 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn lease_ends_by_timer_when_metrics_stop() {
         let (mtx, mrx) = watch::channel(leader_metrics(1, Some(0)));
-        let (rtx, mut rrx) = watch::channel(Role::Follower);
+        let (rtx, mut rrx) = watch::channel(Leadership::now(Role::Follower));
         let task = tokio::spawn(follow(mrx, Duration::from_millis(80), rtx, |_| None));
-        rrx.wait_for(|r| *r == Role::Leader).await.expect("leader");
+        rrx.wait_for(|r| r.role == Role::Leader)
+            .await
+            .expect("leader");
         let t0 = Instant::now();
-        rrx.wait_for(|r| *r == Role::Lapsed).await.expect("lapsed");
+        rrx.wait_for(|r| r.role == Role::Lapsed)
+            .await
+            .expect("lapsed");
         assert_eq!(Instant::now() - t0, Duration::from_millis(80));
         // A new acknowledgement restores the lease.
         mtx.send_replace(leader_metrics(1, Some(5)));
-        rrx.wait_for(|r| *r == Role::Leader)
+        rrx.wait_for(|r| r.role == Role::Leader)
             .await
             .expect("leader again");
         drop(mtx);
-        rrx.wait_for(|r| *r == Role::Follower)
+        rrx.wait_for(|r| r.role == Role::Follower)
             .await
             .expect("follower when raft is gone");
         task.await.expect("task");

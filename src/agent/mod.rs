@@ -4,8 +4,8 @@
 //! metrics by [`leadership::follow`] otherwise — and converges on it:
 //! - `Leader`: add the VIP, announce it, then start the `bindToVip` load balancers;
 //! - `Lapsed`: remove the VIP, keep the load balancers and their connections;
-//! - `Follower`: stop the `bindToVip` load balancers (no new connections on an address we are
-//!   about to lose), then remove the VIP.
+//! - `Follower`: remove the VIP, then stop the `bindToVip` load balancers and their connections
+//!   (in that order, so clients are never refused while the VIP is still here).
 //!
 //! Load balancers without `bindToVip` listen on every address and run for the agent's whole life.
 //! A step that fails (interface missing, port taken) is logged and retried every
@@ -14,11 +14,14 @@
 pub mod leadership;
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use log::{error, info};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
+use crate::cluster::{StaleLeadership, VoteGate};
 use crate::config::Config;
 use crate::lb::{self, ListenError, RunningLb};
 use crate::shutdown::Shutdown;
@@ -39,6 +42,25 @@ pub enum Role {
     Follower,
 }
 
+/// A role and when it was decided: the time the Raft metrics it is based on arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leadership {
+    /// What this node may do.
+    pub role: Role,
+    /// When the decision's evidence arrived; a vote granted later makes it stale.
+    pub as_of: Instant,
+}
+
+impl Leadership {
+    /// A role decided now.
+    pub fn now(role: Role) -> Leadership {
+        Leadership {
+            role,
+            as_of: Instant::now(),
+        }
+    }
+}
+
 /// The agent's state: what it holds and runs right now.
 struct Agent {
     /// The configuration.
@@ -49,8 +71,10 @@ struct Agent {
     holder: Option<VipHolder>,
     /// Running `bindToVip` load balancers (only while leader).
     vip_lbs: Vec<RunningLb>,
-    /// A release failed: the address may still be on the interface.
+    /// A take or release failed: the address may be on the interface.
     leftover: bool,
+    /// Shared with the Raft server in clustered mode: no vote while the VIP may be up.
+    gate: Option<Arc<VoteGate>>,
 }
 
 /// A fatal start-up failure of the agent.
@@ -68,7 +92,8 @@ pub enum AgentError {
 pub async fn run(
     config: Config,
     disable_vip: bool,
-    mut role: watch::Receiver<Role>,
+    mut role: watch::Receiver<Leadership>,
+    gate: Option<Arc<VoteGate>>,
     mut shutdown: Shutdown,
 ) -> Result<(), AgentError> {
     let vip = (!disable_vip).then(|| VipSettings {
@@ -97,11 +122,12 @@ pub async fn run(
         holder: None,
         vip_lbs: Vec::new(),
         leftover: false,
+        gate,
     };
     let mut result = Ok(());
     loop {
         let want = *role.borrow_and_update();
-        let settled = agent.converge(want).await;
+        let settled = agent.converge(want.role, want.as_of).await;
         tokio::select! {
             _ = shutdown.recv() => break,
             changed = role.changed() => if changed.is_err() {
@@ -114,7 +140,7 @@ pub async fn run(
         }
     }
     // Retried until done: leaving on an error here would leave the VIP behind.
-    while !agent.converge(Role::Follower).await {
+    while !agent.converge(Role::Follower, Instant::now()).await {
         tokio::time::sleep(RETRY_INTERVAL).await;
     }
     stop_all(always).await;
@@ -123,20 +149,23 @@ pub async fn run(
 
 impl Agent {
     /// Moves one step closer to what `role` asks; returns whether everything is in place.
-    async fn converge(&mut self, role: Role) -> bool {
+    async fn converge(&mut self, role: Role, as_of: Instant) -> bool {
         match role {
-            Role::Leader => self.lead().await,
+            Role::Leader => self.lead(as_of).await,
             Role::Lapsed => self.release_vip().await,
             Role::Follower => {
+                // VIP first: until it is gone, the listeners keep accepting, so a client that
+                // connects during a handover is served instead of refused.
+                let released = self.release_vip().await;
                 stop_all(std::mem::take(&mut self.vip_lbs)).await;
-                self.release_vip().await
+                released
             }
         }
     }
 
     async fn release_vip(&mut self) -> bool {
         if let Some(holder) = self.holder.take() {
-            if let Err(e) = holder.release().await {
+            if let Err(e) = self.gated_release(holder.release()).await {
                 error!("cannot remove VIP: {e}; retrying");
                 self.leftover = true;
                 return false;
@@ -145,7 +174,8 @@ impl Agent {
         if self.leftover {
             let s = self.vip.as_ref().map(|s| (s.interface.clone(), s.address));
             if let Some((iface, ip)) = s {
-                if let Err(e) = vip::remove_stale(&iface, ip).await {
+                let remove = async { vip::remove_stale(&iface, ip).await.map(|_| ()) };
+                if let Err(e) = self.gated_release(remove).await {
                     error!("cannot remove VIP: {e}; retrying");
                     return false;
                 }
@@ -155,16 +185,39 @@ impl Agent {
         true
     }
 
-    async fn lead(&mut self) -> bool {
+    /// Runs a VIP removal through the vote gate, if there is one.
+    async fn gated_release(
+        &self,
+        release: impl std::future::Future<Output = Result<(), vip::NetlinkError>>,
+    ) -> Result<(), vip::NetlinkError> {
+        match &self.gate {
+            Some(g) => g.release(release).await,
+            None => release.await,
+        }
+    }
+
+    async fn lead(&mut self, as_of: Instant) -> bool {
         let mut changed = false;
         if let (None, Some(settings)) = (&self.holder, &self.vip) {
-            match VipHolder::take(settings.clone()).await {
-                Ok(h) => {
+            let take = VipHolder::take(settings.clone());
+            let taken = match &self.gate {
+                Some(g) => g.take(as_of, take).await,
+                None => Ok(take.await),
+            };
+            match taken {
+                Ok(Ok(h)) => {
                     self.holder = Some(h);
+                    self.leftover = false;
                     changed = true;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     error!("cannot take VIP {}: {e}; retrying", settings.address);
+                    // It may be half-added; a later release must make sure it is gone.
+                    self.leftover = true;
+                    return false;
+                }
+                Err(StaleLeadership) => {
+                    info!("this node voted after that leadership decision; waiting for news");
                     return false;
                 }
             }

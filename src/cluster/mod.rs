@@ -94,6 +94,7 @@
 //!   the transport retries unreachable peers every heartbeat interval instead
 //!   of openraft's default 500 ms.
 
+pub mod gate;
 pub mod network;
 pub mod store;
 pub mod types;
@@ -111,6 +112,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use self::gate::{StaleLeadership, VoteGate};
 pub use self::store::StoreError;
 pub use self::types::{node_id, Metrics, Node, NodeId, PeerInfo, Raft};
 
@@ -283,7 +285,10 @@ impl Cluster {
     /// once. Other fresh nodes wait to be contacted by the leader. A node
     /// restarted with existing state (including the `start_as_leader` one)
     /// rejoins as a follower.
-    pub async fn start(s: ClusterSettings) -> Result<Cluster, ClusterError> {
+    ///
+    /// `gate` is shared with whatever holds the VIP: votes are refused while it says the VIP
+    /// may be up (see [`gate`]).
+    pub async fn start(s: ClusterSettings, gate: Arc<VoteGate>) -> Result<Cluster, ClusterError> {
         let peers = Arc::new(s.peer_map()?);
         let me = node_id(&s.local.id);
         let config = s.raft_config()?;
@@ -365,6 +370,7 @@ impl Cluster {
             me,
             peers.clone(),
             no_votes_until,
+            gate,
         ));
         let leader_since = Arc::new(Mutex::new(None));
         let leader_watch = tokio::spawn(watch_leadership(raft.metrics(), leader_since.clone()));

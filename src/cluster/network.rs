@@ -52,6 +52,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 
+use super::gate::VoteGate;
 use super::types::{Node, NodeId, PeerInfo, Raft, TypeConfig};
 
 /// Largest accepted frame payload, in bytes.
@@ -794,13 +795,22 @@ pub async fn serve(
     me: NodeId,
     peers: Arc<PeerMap>,
     no_votes_until: tokio::time::Instant,
+    gate: Arc<VoteGate>,
 ) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((sock, addr)) => {
-                    conns.spawn(serve_conn(sock, addr, raft.clone(), me, peers.clone(), no_votes_until));
+                    conns.spawn(serve_conn(
+                        sock,
+                        addr,
+                        raft.clone(),
+                        me,
+                        peers.clone(),
+                        no_votes_until,
+                        gate.clone(),
+                    ));
                 }
                 Err(e) => {
                     log::warn!("accept on raft listener failed: {e}");
@@ -834,6 +844,7 @@ async fn serve_conn(
     me: NodeId,
     peers: Arc<PeerMap>,
     no_votes_until: tokio::time::Instant,
+    gate: Arc<VoteGate>,
 ) {
     let mut remote = Remote { addr, peer: None };
     if let Err(e) = sock.set_nodelay(true) {
@@ -929,7 +940,8 @@ async fn serve_conn(
                 return;
             }
         };
-        let body = handle_request(&raft, me, from, frame.body, &remote, no_votes_until).await;
+        let body =
+            handle_request(&raft, me, from, frame.body, &remote, no_votes_until, &gate).await;
         let close = matches!(body, Response::Error(_));
         if let Err(e) = write_frame(&mut wr, &Frame { id: frame.id, body }).await {
             log::warn!("closing raft connection from {remote}: {e}");
@@ -948,6 +960,7 @@ async fn handle_request(
     req: Request,
     remote: &Remote,
     no_votes_until: tokio::time::Instant,
+    gate: &VoteGate,
 ) -> Response {
     match req {
         Request::AppendEntries(r) => Response::AppendEntries(raft.append_entries(r).await),
@@ -955,7 +968,20 @@ async fn handle_request(
             log::info!("refusing vote for {} from {remote}: just started", r.vote);
             Response::Vote(Ok(refuse_vote(raft)))
         }
-        Request::Vote(r) => Response::Vote(raft.vote(r).await),
+        Request::Vote(r) => {
+            let candidate = r.vote;
+            let granted =
+                |res: &Result<VoteResponse<NodeId>, _>| matches!(res, Ok(v) if v.vote_granted);
+            match gate.vote(raft.vote(r), granted).await {
+                Some(answer) => Response::Vote(answer),
+                None => {
+                    log::info!(
+                        "refusing vote for {candidate} from {remote}: this node's VIP may be up"
+                    );
+                    Response::Vote(Ok(refuse_vote(raft)))
+                }
+            }
+        }
         Request::FullSnapshot { vote, meta, data } => {
             let snapshot = Snapshot {
                 meta,

@@ -115,6 +115,7 @@ nsx "$CLIENT" python3 "$SUPPORT/probe.py" "$VIP" 6443 100 0 15 "$WORK/term.probe
 PROBE=$!
 start_sampler handover
 sleep 0.5
+echo "#   handover: leader is server$L (pid ${NODE_PID[$L]}), pids ${NODE_PID[*]}"
 t_term=$(date +%s%3N)
 stop_node "$L" TERM
 check "SIGTERM on the leader: another node takes the VIP" wait_until 3 holder_is_not "$L"
