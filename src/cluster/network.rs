@@ -110,8 +110,8 @@ pub struct Frame<T> {
     pub body: T,
 }
 
-/// Messages sent by the dialing side.
-#[derive(Debug, Serialize, Deserialize)]
+/// Messages sent by the dialing side. `Clone` because a hedged call sends one twice.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[allow(clippy::large_enum_variant)]
 pub enum Request {
     /// First frame of a connection: protocol check and caller identity.
@@ -579,7 +579,7 @@ struct NetInner {
     peers: Arc<PeerMap>,
     /// Sleep after an `Unreachable` error before openraft retries that peer.
     backoff: Duration,
-    clients: Mutex<HashMap<NodeId, PeerClient>>,
+    clients: Mutex<HashMap<NodeId, HedgedClient>>,
 }
 
 /// openraft network factory; also sends our own [`Request::Handover`].
@@ -608,11 +608,17 @@ impl Network {
     ///
     /// Addresses come from the local configuration, not from the membership
     /// stored in the log (see [`Node`]).
-    pub fn client(&self, target: NodeId) -> Option<PeerClient> {
+    pub fn client(&self, target: NodeId) -> Option<HedgedClient> {
         let peer = self.inner.peers.get(&target)?;
         let mut clients = lock(&self.inner.clients);
         let c = clients.entry(target).or_insert_with(|| {
-            PeerClient::spawn(self.inner.me, self.inner.local_ip, target, peer.clone())
+            let lane =
+                || PeerClient::spawn(self.inner.me, self.inner.local_ip, target, peer.clone());
+            HedgedClient {
+                lanes: [lane(), lane()],
+                // One heartbeat: an answer later than that is a stall, not a slow peer.
+                hedge_after: self.inner.backoff,
+            }
         });
         Some(c.clone())
     }
@@ -621,7 +627,7 @@ impl Network {
     pub fn last_answer_age(&self, target: NodeId) -> Option<Duration> {
         lock(&self.inner.clients)
             .get(&target)
-            .and_then(PeerClient::last_answer_age)
+            .and_then(HedgedClient::last_answer_age)
     }
 
     /// Asks `target` to start an election now (planned handover); waits at
@@ -659,11 +665,59 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
+/// Two independent connections to one peer, and calls hedged across them.
+///
+/// Why: Raft traffic is one small request at a time per peer. When such a segment (or its
+/// answer) is lost, Linux retransmits it only after its loss probe, `srtt/4 + TCP_RTO_MIN` =
+/// 200 ms or more, and everything behind it on that connection waits too. That is longer
+/// than a fast election timeout, so at a few percent of packet loss followers would time out
+/// and depose a healthy leader. A call not answered within `hedge_after` is sent again on the
+/// second connection; the first answer wins. Raft's RPCs are idempotent (a repeated append or
+/// vote changes nothing), so a duplicate is harmless.
+#[derive(Clone)]
+pub struct HedgedClient {
+    /// The connections; the first carries every call, the second the hedges.
+    lanes: [PeerClient; 2],
+    /// How long the first connection may take before the call is repeated on the second.
+    hedge_after: Duration,
+}
+
+impl HedgedClient {
+    /// Sends one request and returns the first answer from either connection.
+    pub async fn call(&self, req: Request) -> Result<Response, CallError> {
+        let [first, second] = &self.lanes;
+        let a = first.call(req.clone());
+        tokio::pin!(a);
+        tokio::select! {
+            r = &mut a => return match r {
+                // Failed fast (connection down): the other connection may be fine.
+                Err(_) => second.call(req).await,
+                ok => ok,
+            },
+            _ = tokio::time::sleep(self.hedge_after) => {}
+        }
+        let b = second.call(req);
+        tokio::pin!(b);
+        tokio::select! {
+            r = &mut a => match r { Ok(x) => Ok(x), Err(_) => b.await },
+            r = &mut b => match r { Ok(x) => Ok(x), Err(_) => a.await },
+        }
+    }
+
+    /// How long ago the peer last answered on either connection.
+    pub fn last_answer_age(&self) -> Option<Duration> {
+        self.lanes
+            .iter()
+            .filter_map(PeerClient::last_answer_age)
+            .min()
+    }
+}
+
 /// openraft's view of the connection to one peer.
 pub struct PeerConnection {
     target: NodeId,
     /// `None` if the membership names a node that is not in our configuration.
-    client: Option<PeerClient>,
+    client: Option<HedgedClient>,
     backoff: Duration,
 }
 
