@@ -88,11 +88,14 @@
 //!   ([`store::LogStore::demote_own_leader_vote`]), so the node comes back as a
 //!   follower and does not briefly claim leadership.
 //! * openraft 0.9 has no pre-vote: a node that times out bumps the term and a
-//!   healthy leader steps down when it sees it. A restarted node therefore
-//!   does not stand for election during its first `election_timeout_max`
-//!   (`enable_elect(false)`), giving the current leader time to reach it, and
-//!   the transport retries unreachable peers every heartbeat interval instead
-//!   of openraft's default 500 ms.
+//!   healthy leader steps down when it sees it. Elections are therefore off
+//!   unless a quorum answers our own pre-vote with yes ([`guard_elections`]);
+//!   a restarted node, a healed old leader or a follower that lost a few
+//!   heartbeats cannot depose a leader the others still hear from. The
+//!   transport retries unreachable peers every heartbeat interval instead of
+//!   openraft's default 500 ms, and hedges each call over two connections.
+//! * A node refuses every vote for `election_timeout_max` after it starts, and
+//!   while its VIP may be up ([`gate`]).
 
 pub mod gate;
 pub mod network;
@@ -148,6 +151,60 @@ async fn watch_leadership(mut rx: watch::Receiver<Metrics>, since: Arc<Mutex<Opt
         }
         if rx.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// openraft 0.9 has no pre-vote: a follower that misses heartbeats bumps the term, and that
+/// higher term deposes a healthy leader the moment it is seen (a partition heals, a restarted
+/// node reconnects slowly, a few heartbeats are lost). So elections stay switched off, and this
+/// guard switches them on only while a quorum (this node included) answers a
+/// [`network::Request::PreVote`] with yes — which peers do only when they have not heard from
+/// a leader for a whole lease either. Rounds start once this node has not heard from a leader
+/// for half a lease, every `tick`, so by the time openraft's own timer fires (lease + random
+/// timeout after the last heartbeat) a real failover has already been cleared to proceed.
+/// A handover still works: `trigger().elect()` ignores the switch.
+async fn guard_elections(
+    raft: Raft,
+    network: Network,
+    peers: Arc<PeerMap>,
+    me: NodeId,
+    contact: network::LeaderContact,
+    tick: Duration,
+    lease: Duration,
+) {
+    let quorum = peers.len() / 2 + 1;
+    let mut enabled = false;
+    let mut every = tokio::time::interval(tick);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let m = raft.metrics().borrow().clone();
+        let want = if m.state == ServerState::Leader || contact.age() < lease / 2 {
+            false
+        } else {
+            let asks = peers
+                .keys()
+                .filter(|id| **id != me)
+                .map(|id| network.send_pre_vote(*id, m.last_log_index, lease / 2));
+            let yes = 1 + futures::future::join_all(asks)
+                .await
+                .into_iter()
+                .filter(|granted| *granted)
+                .count();
+            yes >= quorum
+        };
+        if want != enabled {
+            raft.runtime_config().elect(want);
+            enabled = want;
+            if want {
+                log::info!(
+                    "no leader heard for {} ms and a quorum would vote: elections enabled",
+                    contact.age().as_millis()
+                );
+            } else {
+                log::debug!("elections disabled: a leader is known");
+            }
         }
     }
 }
@@ -272,6 +329,8 @@ pub struct Cluster {
     leader_since: Arc<Mutex<Option<Instant>>>,
     /// Keeps `leader_since` up to date.
     leader_watch: JoinHandle<()>,
+    /// Switches openraft's elections on only while a pre-vote would win.
+    guard: JoinHandle<()>,
     /// Held for the life of the node; the OS releases the lock if we die.
     _lock: File,
 }
@@ -350,27 +409,30 @@ impl Cluster {
         .await
         .map_err(|e| ClusterError::Raft(e.to_string()))?;
 
-        if !fresh {
-            // No pre-vote in openraft 0.9: give the sitting leader one lease
-            // period to reach us before we may bump the term.
-            raft.runtime_config().elect(false);
-            let r = raft.clone();
-            let grace = Duration::from_millis(s.election_timeout_max_ms);
-            tokio::spawn(async move {
-                tokio::time::sleep(grace).await;
-                r.runtime_config().elect(true);
-            });
-        }
-
-        let no_votes_until =
-            tokio::time::Instant::now() + Duration::from_millis(s.election_timeout_max_ms);
+        let contact = network::LeaderContact::new();
+        let lease = Duration::from_millis(s.election_timeout_max_ms);
         let server = tokio::spawn(network::serve(
             listener,
+            Arc::new(network::Server {
+                raft: raft.clone(),
+                me,
+                peers: peers.clone(),
+                no_votes_until: tokio::time::Instant::now() + lease,
+                gate,
+                contact: contact.clone(),
+                lease,
+            }),
+        ));
+        // Elections stay off until a quorum would grant a pre-vote (see `guard_elections`).
+        raft.runtime_config().elect(false);
+        let guard = tokio::spawn(guard_elections(
             raft.clone(),
-            me,
+            network.clone(),
             peers.clone(),
-            no_votes_until,
-            gate,
+            me,
+            contact,
+            Duration::from_millis(s.heartbeat_ms),
+            lease,
         ));
         let leader_since = Arc::new(Mutex::new(None));
         let leader_watch = tokio::spawn(watch_leadership(raft.metrics(), leader_since.clone()));
@@ -384,6 +446,7 @@ impl Cluster {
             server,
             leader_since,
             leader_watch,
+            guard,
             _lock: lock,
         };
 
@@ -558,6 +621,7 @@ impl Cluster {
         }
         self.server.abort();
         self.leader_watch.abort();
+        self.guard.abort();
         let _ = self.server.await;
         self.network.close();
     }

@@ -144,6 +144,12 @@ pub enum Request {
         /// The leader that is stepping down.
         from: NodeId,
     },
+    /// "Would you vote for me now?" — asked before a follower may stand for election, and
+    /// changes nothing on the receiver (see `Cluster` pre-vote guard).
+    PreVote {
+        /// Index of the asker's last log entry.
+        last_log_index: Option<u64>,
+    },
 }
 
 /// Messages sent back by the listening side.
@@ -162,6 +168,8 @@ pub enum Response {
     FullSnapshot(Result<SnapshotResponse<NodeId>, Fatal<NodeId>>),
     /// Answer to [`Request::Handover`]: `Err` says why the election was not started.
     Handover(Result<(), String>),
+    /// Answer to [`Request::PreVote`]: whether a real vote would be considered now.
+    PreVote(bool),
     /// The request was refused; the listener closes the connection after this.
     Error(String),
 }
@@ -647,6 +655,24 @@ impl Network {
         }
     }
 
+    /// Asks `target` whether it would vote for us now ([`Request::PreVote`]); no answer
+    /// within `limit`, or any error, counts as no.
+    pub async fn send_pre_vote(
+        &self,
+        target: NodeId,
+        last_log_index: Option<u64>,
+        limit: Duration,
+    ) -> bool {
+        let Some(client) = self.client(target) else {
+            return false;
+        };
+        let req = Request::PreVote { last_log_index };
+        matches!(
+            tokio::time::timeout(limit, client.call(req)).await,
+            Ok(Ok(Response::PreVote(true)))
+        )
+    }
+
     /// Closes every outgoing connection (their tasks end when the clients drop).
     pub fn close(&self) {
         lock(&self.inner.clients).clear();
@@ -843,28 +869,13 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
 /// `JoinSet` then aborts every connection task too).
 ///
 /// Vote requests are refused until `no_votes_until`: see [`refuse_vote`].
-pub async fn serve(
-    listener: TcpListener,
-    raft: Raft,
-    me: NodeId,
-    peers: Arc<PeerMap>,
-    no_votes_until: tokio::time::Instant,
-    gate: Arc<VoteGate>,
-) {
+pub async fn serve(listener: TcpListener, server: Arc<Server>) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((sock, addr)) => {
-                    conns.spawn(serve_conn(
-                        sock,
-                        addr,
-                        raft.clone(),
-                        me,
-                        peers.clone(),
-                        no_votes_until,
-                        gate.clone(),
-                    ));
+                    conns.spawn(serve_conn(sock, addr, server.clone()));
                 }
                 Err(e) => {
                     log::warn!("accept on raft listener failed: {e}");
@@ -873,6 +884,50 @@ pub async fn serve(
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
+    }
+}
+
+/// What the listening side needs to answer requests; one per node, shared by connections.
+pub struct Server {
+    /// The local Raft.
+    pub raft: Raft,
+    /// Our node id.
+    pub me: NodeId,
+    /// Configured peers, to identify who connects.
+    pub peers: Arc<PeerMap>,
+    /// Votes are refused before this instant (see [`refuse_vote`]).
+    pub no_votes_until: tokio::time::Instant,
+    /// Votes are refused while this node's VIP may be up.
+    pub gate: Arc<VoteGate>,
+    /// When this node last accepted an append from a leader.
+    pub contact: LeaderContact,
+    /// openraft's follower lease (`election_timeout_max`): how long an accepted append
+    /// makes this node deny pre-votes.
+    pub lease: Duration,
+}
+
+/// When this node last accepted an AppendEntries from a legitimate leader.
+#[derive(Debug, Clone)]
+pub struct LeaderContact(Arc<Mutex<Instant>>);
+
+impl LeaderContact {
+    /// Starts as "just now": a node that (re)starts assumes a leader may exist.
+    pub fn new() -> LeaderContact {
+        LeaderContact(Arc::new(Mutex::new(Instant::now())))
+    }
+    /// Records a contact now.
+    pub fn touch(&self) {
+        *lock(&self.0) = Instant::now();
+    }
+    /// Time since the last contact.
+    pub fn age(&self) -> Duration {
+        lock(&self.0).elapsed()
+    }
+}
+
+impl Default for LeaderContact {
+    fn default() -> Self {
+        LeaderContact::new()
     }
 }
 
@@ -891,15 +946,8 @@ impl fmt::Display for Remote {
     }
 }
 
-async fn serve_conn(
-    sock: TcpStream,
-    addr: SocketAddr,
-    raft: Raft,
-    me: NodeId,
-    peers: Arc<PeerMap>,
-    no_votes_until: tokio::time::Instant,
-    gate: Arc<VoteGate>,
-) {
+async fn serve_conn(sock: TcpStream, addr: SocketAddr, server: Arc<Server>) {
+    let (me, peers) = (server.me, &server.peers);
     let mut remote = Remote { addr, peer: None };
     if let Err(e) = sock.set_nodelay(true) {
         log::debug!("set TCP_NODELAY for {remote}: {e}");
@@ -994,8 +1042,7 @@ async fn serve_conn(
                 return;
             }
         };
-        let body =
-            handle_request(&raft, me, from, frame.body, &remote, no_votes_until, &gate).await;
+        let body = handle_request(&server, from, frame.body, &remote).await;
         let close = matches!(body, Response::Error(_));
         if let Err(e) = write_frame(&mut wr, &Frame { id: frame.id, body }).await {
             log::warn!("closing raft connection from {remote}: {e}");
@@ -1007,18 +1054,20 @@ async fn serve_conn(
     }
 }
 
-async fn handle_request(
-    raft: &Raft,
-    me: NodeId,
-    from: NodeId,
-    req: Request,
-    remote: &Remote,
-    no_votes_until: tokio::time::Instant,
-    gate: &VoteGate,
-) -> Response {
+async fn handle_request(server: &Server, from: NodeId, req: Request, remote: &Remote) -> Response {
+    let (raft, me, gate) = (&server.raft, server.me, &server.gate);
     match req {
-        Request::AppendEntries(r) => Response::AppendEntries(raft.append_entries(r).await),
-        Request::Vote(r) if tokio::time::Instant::now() < no_votes_until => {
+        Request::AppendEntries(r) => {
+            let answer = raft.append_entries(r).await;
+            // A conflict still comes from the legitimate leader; a higher vote means the
+            // sender is a deposed one, which is no leader contact.
+            if matches!(&answer, Ok(a) if !matches!(a, AppendEntriesResponse::HigherVote(_))) {
+                server.contact.touch();
+            }
+            Response::AppendEntries(answer)
+        }
+        Request::PreVote { last_log_index } => Response::PreVote(pre_vote(server, last_log_index)),
+        Request::Vote(r) if tokio::time::Instant::now() < server.no_votes_until => {
             log::info!("refusing vote for {} from {remote}: just started", r.vote);
             Response::Vote(Ok(refuse_vote(raft)))
         }
@@ -1051,6 +1100,15 @@ async fn handle_request(
             Response::Error("hello already received".into())
         }
     }
+}
+
+/// Answers a pre-vote: yes only if this node would consider a real vote now — it is not the
+/// leader, has heard from none within its lease, and the asker's log is at least as long.
+fn pre_vote(server: &Server, asker_last: Option<u64>) -> bool {
+    let m = server.raft.metrics().borrow().clone();
+    m.state != ServerState::Leader
+        && server.contact.age() >= server.lease
+        && asker_last >= m.last_log_index
 }
 
 /// A vote refusal carrying our current vote, as openraft's own refusals do (a candidate that
