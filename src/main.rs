@@ -101,6 +101,7 @@ fn start(args: StartArgs) -> ExitCode {
             "clustered"
         }
     );
+    raise_priority();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -197,6 +198,27 @@ async fn run_clustered(
     follower.abort();
     result?;
     Ok(())
+}
+
+/// Nice value the agent asks for: ahead of ordinary work on a busy node, not real-time.
+const NICE: i32 = -10;
+
+/// Runs the agent ahead of ordinary processes, best effort. The VIP lease is only safe if the
+/// holder gets the CPU within the lease margin (tens of ms) to remove the address; with every
+/// core busy at the same priority we measured a 150 ms stall and a 23 ms double holder.
+/// Must run before the runtime starts: on Linux the nice value is per thread and inherited by
+/// the threads created afterwards. Needs CAP_SYS_NICE (root has it; the static pod does not).
+fn raise_priority() {
+    // SAFETY: setpriority has no memory effects; who = 0 is the calling thread.
+    let rc = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, NICE) };
+    if rc == 0 {
+        info!("running at nice {NICE}");
+    } else {
+        log::warn!(
+            "cannot raise scheduling priority to nice {NICE} ({}): on a busy node the VIP lease may lapse late",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Returns on SIGTERM or SIGINT. If a handler cannot be installed, returns at once: running on
