@@ -7,11 +7,14 @@
 #   kv_init                                 # workdir, cleanup trap, tools
 #   kv_net_create                           # namespace with bridge br0
 #   kv_host_add client 10.213.0.2/24        # namespace joined by a veth
+#   kv_vm_state_disk vm1 /path/to/vm1-state.img  # optional, persistent
 #   kv_vm_start vm1 /path/to/vm1-config.img # tap + QEMU inside the namespace
 #   wait_console vm1 'kube-vip-appliance: booted' 60
 #   vm_exec vm1 'ip -4 addr show eth0'
 #   kv_ns client curl ...
-#   vm_poweroff vm1
+#   vm_poweroff vm1                         # or vm_poweroff_force (poweroff -f)
+#   kv_vm_start vm1 ...                     # boots vm1 again: same tap and MAC,
+#                                           # console appended (see kv_vm_offset)
 #
 # Layout: one "switch" namespace holds the bridge, every VM's tap and the QEMU
 # processes (QEMU runs there through `ip netns exec`, so it opens its tap in
@@ -29,8 +32,17 @@
 #   KV_VM_MEM              MiB per VM (default 192)
 #   KV_CMDLINE_EXTRA       appended to the kernel command line
 #   KV_QEMU_ACCEL          default tcg (KVM does not boot here, see ENVIRONMENT.md)
+#   KV_QEMU_MACHINE        default q35: its virtio devices come up ~0.4 s sooner
+#                          under TCG than on "pc", where enabling each PCI
+#                          device runs slow ACPI interrupt-link methods
+#   KV_QEMU_BIOS           firmware; default qboot (/usr/share/qemu/qboot.rom,
+#                          from qemu-system-data) when present: it hands over
+#                          to the kernel ~0.4 s sooner than SeaBIOS under TCG.
+#                          Empty: QEMU's default (SeaBIOS).
 #   KV_KEEP_WORKDIR=1      keep logs even after a successful run
 #   KV_SUBNET              first three octets of the test subnet (default 10.213.0)
+#   KV_LOG_FILE            if set, kv_log lines go there instead of stderr
+#                          (scripts/demo keeps its terminal output short)
 
 KV_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 KV_REPO=$(dirname "$KV_LIB_DIR")
@@ -40,13 +52,27 @@ KV_KERNEL=${KV_KERNEL:-$KV_REPO/image/out/vmlinuz}
 KV_INITRD=${KV_INITRD:-$KV_REPO/image/out/initramfs.cpio.gz}
 KV_VM_MEM=${KV_VM_MEM:-192}
 KV_QEMU_ACCEL=${KV_QEMU_ACCEL:-tcg}
+KV_QEMU_MACHINE=${KV_QEMU_MACHINE:-q35}
+if [[ -z ${KV_QEMU_BIOS+set} && -r /usr/share/qemu/qboot.rom ]]; then
+	KV_QEMU_BIOS=/usr/share/qemu/qboot.rom
+fi
+KV_QEMU_BIOS=${KV_QEMU_BIOS:-}
 KV_NS_SW="kvsw-$KV_RUN_ID"
 KV_WORKDIR=''
 KV_NAMESPACES=()
 KV_VMS=()
-declare -A KV_VM_START=() # VM name -> start time (epoch seconds, fractional)
+declare -A KV_VM_START=()  # VM name -> start time of its latest boot (epoch s, fractional)
+declare -A KV_VM_OFFSET=() # VM name -> console log size when its latest boot began
+declare -A KV_VM_MAC=()    # VM name -> MAC (kept across reboots, like a real NIC)
+declare -A KV_VM_STATE=()  # VM name -> state disk image (read-write), see kv_vm_state_disk
 
-kv_log() { echo "[$(date +%T)] $*" >&2; }
+kv_log() {
+	if [[ -n ${KV_LOG_FILE:-} ]]; then
+		echo "[$(date +%T.%3N)] $*" >>"$KV_LOG_FILE"
+	else
+		echo "[$(date +%T)] $*" >&2
+	fi
+}
 kv_die() {
 	echo "qemu/lib.sh: error: $*" >&2
 	exit 1
@@ -61,6 +87,11 @@ kv_since() { awk -v a="$1" -v b="$(kv_now)" 'BEGIN { printf "%.2f", b - a }'; }
 # and trap kv_cleanup on every way out.
 kv_init() {
 	[[ $(id -u) == 0 ]] || kv_die "must run as root (network namespaces, taps)"
+	# Debian's kubectl as unpacked by scripts/deps comes first: another
+	# package may own /usr/bin/kubectl on some machines.
+	if [[ -x /usr/local/lib/kube-vip-tools/bin/kubectl && :$PATH: != *:/usr/local/lib/kube-vip-tools/bin:* ]]; then
+		PATH=/usr/local/lib/kube-vip-tools/bin:$PATH
+	fi
 	"$KV_REPO/image/ensure-packages" \
 		qemu-system-x86_64:qemu-system-x86 ip:iproute2 curl:curl openssl:openssl \
 		python3:python3 kubectl:kubernetes-client mke2fs:e2fsprogs ping:iputils-ping
@@ -79,6 +110,9 @@ kv_cleanup() {
 	local rc=$? vm pid ns
 	trap - EXIT INT TERM
 	set +e
+	# Forget our background jobs, so bash does not report each one killed
+	# below as "Terminated".
+	disown -a 2>/dev/null
 	for vm in "${KV_VMS[@]}"; do
 		pid=$(kv_vm_pid "$vm")
 		[[ -n $pid ]] && kill -TERM "$pid" 2>/dev/null
@@ -98,7 +132,7 @@ kv_cleanup() {
 	done
 	if [[ -n $KV_WORKDIR && -d $KV_WORKDIR ]]; then
 		if [[ $rc != 0 || ${KV_KEEP_WORKDIR:-0} == 1 ]]; then
-			echo "qemu/lib.sh: logs kept in $KV_WORKDIR" >&2
+			kv_log "qemu/lib.sh: logs kept in $KV_WORKDIR"
 		else
 			rm -rf "$KV_WORKDIR"
 		fi
@@ -158,47 +192,81 @@ kv_vm_alive() {
 # kv_console VM: path of VM's console log (ttyS0).
 kv_console() { echo "$KV_WORKDIR/$1.console"; }
 
+# kv_vm_state_disk VM IMAGE: attach IMAGE (image/make-state-disk) read-write
+# to VM at every boot from now on; the appliance mounts it on /var/lib/kube-vip.
+kv_vm_state_disk() {
+	[[ -r $2 && -w $2 ]] || kv_die "state disk $2 not readable and writable"
+	KV_VM_STATE[$1]=$2
+}
+
 # kv_vm_start VM CONFIG_DISK [QEMU_ARGS...]: tap "t-VM" on br0 and a VM with
 # the appliance kernel+initramfs, CONFIG_DISK as read-only virtio disk (pass ""
-# for none), console (ttyS0) into $KV_WORKDIR/VM.console and the command
-# channel (ttyS1, see vm_exec) on a unix socket. Returns at once; follow the
-# boot with wait_console.
+# for none), the state disk if one was given (kv_vm_state_disk), console
+# (ttyS0) into $KV_WORKDIR/VM.console and the command channel (ttyS1, see
+# vm_exec) on a unix socket. Returns at once; follow the boot with
+# wait_console. Calling it again for a VM whose QEMU has ended boots it again
+# (a new QEMU, possibly with another config disk) on the same tap with the
+# same MAC; its console log is appended to, after a "=== boot N" line.
 kv_vm_start() {
-	local vm=$1 disk=$2 idx mac cmdline
+	local vm=$1 disk=$2 idx mac cmdline log
 	shift 2
 	[[ $vm =~ ^[a-z0-9]{1,10}$ ]] || kv_die "VM name '$vm': use 1-10 of [a-z0-9]"
 	[[ -r $KV_KERNEL && -r $KV_INITRD ]] ||
 		kv_die "no appliance image ($KV_KERNEL, $KV_INITRD): run image/build first"
 	[[ -z $disk || -r $disk ]] || kv_die "config disk $disk not readable"
-	KV_VMS+=("$vm")
-	idx=${#KV_VMS[@]}
-	# Locally administered, unique per run (run id) and per VM (index).
-	mac=$(printf '52:54:%02x:%02x:%02x:%02x' $(((KV_RUN_ID >> 16) & 255)) \
-		$(((KV_RUN_ID >> 8) & 255)) $((KV_RUN_ID & 255)) "$idx")
-	ip -n "$KV_NS_SW" tuntap add dev "t-$vm" mode tap
-	ip -n "$KV_NS_SW" link set "t-$vm" master br0 up
-	cmdline="console=ttyS0 quiet panic=-1 kva.ctl=ttyS1 ${KV_CMDLINE_EXTRA:-}"
+	log=$KV_WORKDIR/$vm.console
+	if [[ -n ${KV_VM_MAC[$vm]:-} ]]; then
+		kv_vm_alive "$vm" && kv_die "$vm is still running; power it off before booting it again"
+		mac=${KV_VM_MAC[$vm]}
+		echo "=== boot $(($(grep -c '^=== boot ' "$log") + 1)) ($(date +%T))" >>"$log"
+	else
+		KV_VMS+=("$vm")
+		idx=${#KV_VMS[@]}
+		# Locally administered, unique per run (run id) and per VM (index).
+		mac=$(printf '52:54:%02x:%02x:%02x:%02x' $(((KV_RUN_ID >> 16) & 255)) \
+			$(((KV_RUN_ID >> 8) & 255)) $((KV_RUN_ID & 255)) "$idx")
+		KV_VM_MAC[$vm]=$mac
+		ip -n "$KV_NS_SW" tuntap add dev "t-$vm" mode tap
+		ip -n "$KV_NS_SW" link set "t-$vm" master br0 up
+		echo "=== boot 1 ($(date +%T))" >"$log"
+	fi
+	KV_VM_OFFSET[$vm]=$(stat -c %s "$log")
+	# The appliance's command line (image/out/build-info) plus the command
+	# channel. cryptomgr.notests skips the crypto self-tests at boot: ~0.5 s
+	# of emulated CPU, and kube-vip uses no kernel crypto.
+	cmdline="console=ttyS0 quiet panic=-1 cryptomgr.notests kva.ctl=ttyS1 ${KV_CMDLINE_EXTRA:-}"
 	local -a args=(
-		-name "$vm" -accel "$KV_QEMU_ACCEL" -cpu max -smp 1 -m "$KV_VM_MEM"
+		-name "$vm" -machine "$KV_QEMU_MACHINE" -accel "$KV_QEMU_ACCEL" -cpu max -smp 1 -m "$KV_VM_MEM"
 		-nodefaults -no-user-config -display none -no-reboot
 		-kernel "$KV_KERNEL" -initrd "$KV_INITRD" -append "$cmdline"
-		-chardev "file,id=con,path=$KV_WORKDIR/$vm.console" -serial chardev:con
+		-chardev "file,id=con,path=$log,append=on" -serial chardev:con
 		-chardev "socket,id=ctl,path=$KV_WORKDIR/$vm.ctl,server=on,wait=off" -serial chardev:ctl
 		-monitor "unix:$KV_WORKDIR/$vm.mon,server=on,wait=off"
 		-netdev "tap,id=n0,ifname=t-$vm,script=no,downscript=no"
 		-device "virtio-net-pci,netdev=n0,mac=$mac"
-		-pidfile "$KV_WORKDIR/$vm.pid"
 	)
+	[[ -z $KV_QEMU_BIOS ]] || args+=(-bios "$KV_QEMU_BIOS")
 	[[ -z $disk ]] || args+=(-drive "file=$disk,format=raw,if=virtio,readonly=on")
+	# Written by the guest; QEMU flushes to the file when the guest flushes
+	# (fsync), so what kube-vip made durable survives even poweroff -f.
+	[[ -z ${KV_VM_STATE[$vm]:-} ]] || args+=(-drive "file=${KV_VM_STATE[$vm]},format=raw,if=virtio")
 	KV_VM_START[$vm]=$(kv_now)
-	: >"$KV_WORKDIR/$vm.console"
 	ip netns exec "$KV_NS_SW" qemu-system-x86_64 "${args[@]}" "$@" \
 		</dev/null >"$KV_WORKDIR/$vm.qemu.log" 2>&1 &
-	# The pid file appears once QEMU has parsed its arguments; `ip netns
-	# exec` execs QEMU, so $! is QEMU's pid too (for an early failure).
-	echo "$!" >"$KV_WORKDIR/$vm.pid"
-	kv_log "$vm: QEMU started (mac $mac, disk ${disk:-none})"
+	# `ip netns exec` execs QEMU, so $! is QEMU's pid. Written here only, in
+	# one rename: with QEMU's own -pidfile on the same file, a reader could
+	# catch it truncated and take a running VM for dead.
+	echo "$!" >"$KV_WORKDIR/$vm.pid.tmp"
+	mv -f "$KV_WORKDIR/$vm.pid.tmp" "$KV_WORKDIR/$vm.pid"
+	kv_log "$vm: QEMU started (mac $mac, config disk ${disk:-none}, state disk ${KV_VM_STATE[$vm]:-none})"
 }
+
+# kv_vm_mac VM: VM's MAC address.
+kv_vm_mac() { echo "${KV_VM_MAC[$1]:-}"; }
+
+# kv_vm_offset VM: where VM's latest boot begins in its console log (pass it
+# to wait_console to ignore earlier boots).
+kv_vm_offset() { echo "${KV_VM_OFFSET[$1]:-0}"; }
 
 # kv_vm_elapsed VM: seconds since VM's QEMU was started.
 kv_vm_elapsed() { kv_since "${KV_VM_START[$1]}"; }
@@ -215,12 +283,14 @@ wait_console() {
 	log=$(kv_console "$vm")
 	deadline=$(awk -v n="$(kv_now)" -v t="$timeout" 'BEGIN { printf "%.3f", n + t }')
 	while :; do
-		if tail -c +"$((off + 1))" "$log" 2>/dev/null | tr -d '\r' | grep -qE -- "$re"; then
+		# grep without -q: it reads to the end, so tr never dies of SIGPIPE
+		# (with pipefail, that would turn a match into a failure).
+		if tail -c +"$((off + 1))" "$log" 2>/dev/null | tr -d '\r' | grep -E -- "$re" >/dev/null; then
 			return 0
 		fi
 		if ! kv_vm_alive "$vm"; then
 			# One last look: QEMU may have written the line just before exiting.
-			tail -c +"$((off + 1))" "$log" 2>/dev/null | tr -d '\r' | grep -qE -- "$re" && return 0
+			tail -c +"$((off + 1))" "$log" 2>/dev/null | tr -d '\r' | grep -E -- "$re" >/dev/null && return 0
 			kv_log "$vm: QEMU is not running; '$re' never appeared. QEMU said:"
 			sed 's/^/    /' "$KV_WORKDIR/$vm.qemu.log" >&2
 			kv_show_console "$vm"
@@ -246,7 +316,8 @@ kv_show_console() {
 # exit status (124 on timeout). One command at a time per VM.
 vm_exec() {
 	local vm=$1 cmd=$2 timeout=${3:-20}
-	wait_console "$vm" 'kube-vip-appliance: control channel on' "$timeout" >/dev/null 2>&1 ||
+	# This boot's channel: after a reboot the log still has the last one's line.
+	wait_console "$vm" 'kube-vip-appliance: control channel on' "$timeout" "$(kv_vm_offset "$vm")" >/dev/null 2>&1 ||
 		kv_die "$vm: no command channel (is kva.ctl=ttyS1 on the kernel command line?)"
 	"$KV_PYTHON" - "$KV_WORKDIR/$vm.ctl" "$cmd" "$timeout" <<'PY'
 import os, re, socket, sys, time
@@ -305,6 +376,49 @@ vm_poweroff() {
 	return 1
 }
 
+# vm_poweroff_force VM [TIMEOUT]: `poweroff -f` in the guest: the kernel powers
+# off at once, without the shutdown script, so kube-vip gets no SIGTERM and
+# cannot hand over (the failure case, as close to pulling the plug as a guest
+# can get, but a real guest poweroff). Prints "SENT GONE": when the command
+# went out on the command channel and when QEMU was seen gone (kv_now
+# format; QEMU polled every 20 ms). Returns 1 (after killing QEMU) if the
+# guest did not power off within TIMEOUT seconds (default 20).
+vm_poweroff_force() {
+	local vm=$1 timeout=${2:-20} sent i
+	kv_vm_alive "$vm" || kv_die "$vm is not running"
+	wait_console "$vm" 'kube-vip-appliance: control channel on' 20 "$(kv_vm_offset "$vm")" >/dev/null 2>&1 ||
+		kv_die "$vm: no command channel"
+	# No end marker can come back from a guest that is gone: send the line,
+	# note the time, and hold the connection until QEMU closes it (closing
+	# at once could lose the line before QEMU has read it).
+	sent=$("$KV_PYTHON" - "$KV_WORKDIR/$vm.ctl" "$timeout" <<'PY'
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+s.sendall(b"poweroff -f\n")
+print("%.3f" % time.time(), flush=True)
+s.settimeout(float(sys.argv[2]))
+try:
+    while s.recv(4096):
+        pass
+except OSError:
+    pass
+PY
+	) || kv_log "$vm: poweroff -f over the command channel failed"
+	for ((i = 0; i < timeout * 50; i++)); do
+		if ! kv_vm_alive "$vm"; then
+			echo "${sent:-$(kv_now)} $(kv_now)"
+			kv_log "$vm: powered off (poweroff -f)"
+			return 0
+		fi
+		sleep 0.02
+	done
+	kv_log "$vm: did not power off within ${timeout}s, killing it"
+	vm_kill "$vm"
+	echo "${sent:-$(kv_now)} $(kv_now)"
+	return 1
+}
+
 # vm_kill VM: stop VM's QEMU at once (like pulling the plug).
 vm_kill() {
 	local vm=$1 pid i
@@ -323,11 +437,12 @@ vm_kill() {
 # in-cluster names. Writes DIR/{ca.crt,ca.key,server.crt,server.key}.
 kv_make_certs() { "$KV_LIB_DIR/backend/make-certs" "$@" >/dev/null; }
 
-# kv_backend_start NAME ADDR CERTDIR [PORT]: start the stand-in kube-apiserver
-# in host NAME's namespace on ADDR:PORT (default 6444); waits until it listens.
+# kv_backend_start NAME ADDR CERTDIR [PORT] [HOST]: start the stand-in
+# kube-apiserver NAME on ADDR:PORT (default 6444) in host HOST's namespace
+# (default: the host called NAME); waits until it listens.
 kv_backend_start() {
-	local name=$1 addr=$2 certs=$3 port=${4:-6444} i
-	kv_ns "$name" "$KV_PYTHON" "$KV_LIB_DIR/backend/fake-apiserver.py" \
+	local name=$1 addr=$2 certs=$3 port=${4:-6444} host=${5:-$1} i
+	kv_ns "$host" "$KV_PYTHON" "$KV_LIB_DIR/backend/fake-apiserver.py" \
 		--name "$name" --address "$addr" --port "$port" \
 		--cert "$certs/server.crt" --key "$certs/server.key" \
 		</dev/null >"$KV_WORKDIR/$name.backend.log" 2>&1 &
