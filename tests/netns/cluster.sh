@@ -53,7 +53,9 @@ PY
 sleep 0.3
 check "garbage on the Raft port is logged with the peer's address" grep -q 'raft connection from 10.88.0.2:' "$WORK/node1.log"
 check "garbage on the Raft port: the leader process is still running" kill -0 "${NODE_PID[1]}"
-check "garbage on the Raft port: still exactly one holder, server1" holder_is 1
+check "garbage on the Raft port: server1 is still the leader (no election)" \
+  bash -c "! { tail -n +$((m1 + 1)) '$WORK/node1.log' | grep -q 'not the leader'; }"
+check "garbage on the Raft port: server1 holds the VIP" wait_until 2 holder_is 1
 
 # --- kill -9 of the leader
 nsx "$CLIENT" python3 "$SUPPORT/probe.py" "$VIP" 6443 100 0 15 "$WORK/kill.probe" &
@@ -72,7 +74,10 @@ check "kill -9 of the leader: a client connect through the VIP succeeds" \
 kill -TERM "$PROBE"; wait "$PROBE" || true
 first_ok=$(awk -v t="$t_kill" '$1 > t && $2 == "ok" {printf "%.0f\n", $1 + $3; exit}' "$WORK/kill.probe")
 echo "#   kill -9: new holder seen after $((t_new - t_kill)) ms, first client success $((first_ok - t_kill)) ms after the kill"
-NEW=$(live_holder)
+# A lease lapse under load can leave no holder for a moment; wait for one.
+wait_until 3 live_holder || true
+NEW=$(live_holder || true)
+[ -n "$NEW" ] || { not_ok "a live node holds the VIP after the kill"; summary; exit 1; }
 
 # --- the killed leader restarts with its state (and its stale VIP): it rejoins as a follower
 start_sampler leader-restart
