@@ -209,7 +209,15 @@ const NICE: i32 = -10;
 /// Must run before the runtime starts: on Linux the nice value is per thread and inherited by
 /// the threads created afterwards. Needs CAP_SYS_NICE (root has it; the static pod does not).
 fn raise_priority() {
-    // SAFETY: setpriority has no memory effects; who = 0 is the calling thread.
+    // Already there (a systemd unit's Nice=, say): asking again would only log a denial in a
+    // sandbox without CAP_SYS_NICE. getpriority returns the nice value itself on Linux (glibc
+    // and musl undo the kernel's 20-offset); errno is not needed since -1 is a valid answer here.
+    // SAFETY: getpriority and setpriority have no memory effects; who = 0 is this thread.
+    let current = unsafe { nix::libc::getpriority(nix::libc::PRIO_PROCESS, 0) };
+    if current <= NICE {
+        info!("running at nice {current}");
+        return;
+    }
     let rc = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, NICE) };
     if rc == 0 {
         info!("running at nice {NICE}");
