@@ -58,7 +58,13 @@ wait_until() {
 }
 
 # has_addr NS IFACE IP: the address is on the interface.
-has_addr() { ip -n "$1" -o addr show dev "$2" | grep -qw "inet6\? $3/\(32\|128\)"; }
+# (Output captured first: `ip | grep -q` under pipefail fails when grep exits at its first match
+# and ip dies of SIGPIPE, which reads as "address missing".)
+has_addr() {
+  local out
+  out=$(ip -n "$1" -o addr show dev "$2") || return 1
+  grep -qw "inet6\? $3/\(32\|128\)" <<<"$out"
+}
 
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 
