@@ -195,6 +195,7 @@ pub fn sample_config(a: &SampleConfigArgs) -> Config {
         }],
         arp_burst_count: None,
         arp_refresh_seconds: None,
+        vip_probe_ms: None,
         state_dir: None,
         heartbeat_ms: None,
         election_timeout_min_ms: None,

@@ -19,6 +19,12 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub const DEFAULT_ARP_BURST_COUNT: u32 = 5;
 /// Seconds between refresh announcements while holding the VIP (0 turns refreshing off).
 pub const DEFAULT_ARP_REFRESH_SECONDS: u64 = 10;
+/// How long a node that is about to take the VIP asks the link whether anyone still answers
+/// for it (ARP probe / IPv6 duplicate address detection); 0 turns the probe off. A LAN
+/// answers within a millisecond; the rest is room for a busy host.
+pub const DEFAULT_VIP_PROBE_MS: u64 = 10;
+/// Longest probe window accepted: every take-over waits this long.
+pub const MAX_VIP_PROBE_MS: u64 = 1000;
 /// Where a clustered node keeps its Raft vote and log.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/kube-vip";
 /// Raft heartbeat interval. With the election timeouts below: unplanned failover ~250 ms
@@ -191,6 +197,9 @@ pub struct Config {
     /// Seconds between refresh announcements; 0 = off (default [`DEFAULT_ARP_REFRESH_SECONDS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arp_refresh_seconds: Option<u64>,
+    /// Probe window before taking the VIP, ms; 0 = off (default [`DEFAULT_VIP_PROBE_MS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip_probe_ms: Option<u64>,
     /// Directory for Raft state (default [`DEFAULT_STATE_DIR`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
@@ -270,6 +279,10 @@ impl Config {
         self.arp_refresh_seconds
             .unwrap_or(DEFAULT_ARP_REFRESH_SECONDS)
     }
+    /// Probe window with its default applied.
+    pub fn vip_probe_ms(&self) -> u64 {
+        self.vip_probe_ms.unwrap_or(DEFAULT_VIP_PROBE_MS)
+    }
     /// State directory with its default applied.
     pub fn state_dir(&self) -> PathBuf {
         self.state_dir
@@ -297,6 +310,7 @@ impl Config {
         let mut c = self.clone();
         c.arp_burst_count = Some(self.arp_burst_count());
         c.arp_refresh_seconds = Some(self.arp_refresh_seconds());
+        c.vip_probe_ms = Some(self.vip_probe_ms());
         c.state_dir = Some(self.state_dir());
         c.heartbeat_ms = Some(self.heartbeat_ms());
         c.election_timeout_min_ms = Some(self.election_timeout_min_ms());
@@ -455,6 +469,13 @@ impl Config {
             }
         }
 
+        if self.vip_probe_ms() > MAX_VIP_PROBE_MS {
+            p.push(format!(
+                "vipProbeMs ({}) must be at most {MAX_VIP_PROBE_MS}: every take-over of the VIP waits this long{}",
+                self.vip_probe_ms(),
+                at_in("", "vipProbeMs", &self.vip_probe_ms().to_string(), 0)
+            ));
+        }
         let (hb, min, max) = (
             self.heartbeat_ms(),
             self.election_timeout_min_ms(),

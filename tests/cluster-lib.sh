@@ -70,6 +70,8 @@ node_config() {
     echo "  backends:"
     for j in 1 2 3; do printf -- "  - port: 6444\n    address: 10.88.0.2%s\n" "$j"; done
     [ -z "${2:-}" ] || echo "$2"
+    # Extra keys for every node, for experiments: NODE_EXTRA='vipProbeMs: 0' bash tests/netns/...
+    [ -z "${NODE_EXTRA:-}" ] || echo "$NODE_EXTRA"
   } > "$WORK/node$i.yaml"
 }
 

@@ -47,6 +47,9 @@ not_ok() { FAIL=$((FAIL + 1)); echo "not ok $((PASS + FAIL)) - $*"; }
 
 # check DESC CMD...: one result line from CMD's exit status.
 check() { local d=$1; shift; if "$@"; then ok "$d"; else not_ok "$d"; fi; }
+# quiet CMD...: CMD with its output discarded (`check D quiet CMD`, not `check D CMD >/dev/null`,
+# which would discard the result line too).
+quiet() { "$@" >/dev/null 2>&1; }
 
 # wait_until SECONDS CMD...: polls CMD every 20 ms; status 0 once it succeeds, 1 on timeout.
 wait_until() {

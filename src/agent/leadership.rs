@@ -107,6 +107,17 @@ pub async fn follow(
         first = false;
         let (now_role, until) = evaluate(&snapshot, received, Instant::now(), lease);
         let before = role.borrow().role;
+        // The lease's end is updated with every snapshot, but only a change of role wakes the
+        // agent.
+        role.send_if_modified(|l| {
+            let changed = l.role != now_role;
+            if changed {
+                l.as_of = received;
+            }
+            l.role = now_role;
+            l.until = until;
+            changed
+        });
         if before != now_role {
             match now_role {
                 Role::Leader => info!(
@@ -119,10 +130,6 @@ pub async fn follow(
                 ),
                 Role::Follower => info!("not the leader: must not hold the VIP"),
             }
-            role.send_replace(Leadership {
-                role: now_role,
-                as_of: received,
-            });
         }
         tokio::select! {
             changed = metrics.changed() => {

@@ -7,17 +7,21 @@
 //! - `Follower`: remove the VIP, then stop the `bindToVip` load balancers and their connections
 //!   (in that order, so clients are never refused while the VIP is still here).
 //!
+//! Before adding the VIP the agent probes the link for anyone still answering for it
+//! ([`claim`]); while a live host does, it waits and probes again every [`claim::PROBE_RETRY`].
+//!
 //! Load balancers without `bindToVip` listen on every address and run for the agent's whole life.
 //! A step that fails (interface missing, port taken) is logged and retried every
 //! [`RETRY_INTERVAL`]; giving up would leave a leader without a VIP for good.
 
+pub mod claim;
 pub mod leadership;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use log::{error, info};
+use log::{error, info, warn};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -26,9 +30,21 @@ use crate::config::Config;
 use crate::lb::{self, ListenError, RunningLb};
 use crate::shutdown::Shutdown;
 use crate::vip::{self, VipHolder, VipSettings};
+use claim::Claim;
 
 /// Pause before retrying a step that failed.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// While the VIP stays in use by another host, how often that is logged again.
+const HELD_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What the agent's loop does after a step towards the wanted role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Everything is in place: wait for the role to change.
+    Settled,
+    /// Not there yet: try again after this long (or when the role changes).
+    RetryIn(Duration),
+}
 
 /// What this node may do with the VIP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +65,10 @@ pub struct Leadership {
     pub role: Role,
     /// When the decision's evidence arrived; a vote granted later makes it stale.
     pub as_of: Instant,
+    /// When a `Leader` role ends unless renewed (the end of the lease); `None`: never (single
+    /// node). Updated with every renewal without waking the agent, so the agent can check it
+    /// just before taking the VIP, whether or not the lease timer has run yet.
+    pub until: Option<Instant>,
 }
 
 impl Leadership {
@@ -57,7 +77,13 @@ impl Leadership {
         Leadership {
             role,
             as_of: Instant::now(),
+            until: None,
         }
+    }
+
+    /// Whether this allows holding the VIP at `now`.
+    pub fn may_hold(&self, now: Instant) -> bool {
+        self.role == Role::Leader && self.until.is_none_or(|u| u > now)
     }
 }
 
@@ -75,6 +101,14 @@ struct Agent {
     leftover: bool,
     /// Shared with the Raft server in clustered mode: no vote while the VIP may be up.
     gate: Option<Arc<VoteGate>>,
+    /// Probe window before taking the VIP; `None` = no probe (`vipProbeMs: 0`).
+    probe: Option<Duration>,
+    /// The other nodes' Raft addresses, to tell a dead peer's leftover VIP from a live holder.
+    peers: Vec<SocketAddr>,
+    /// Since when, and when last logged, another host has been answering for the VIP.
+    held: Option<(Instant, Instant)>,
+    /// A probe failure was logged (it would repeat at every take).
+    probe_failure_logged: bool,
 }
 
 /// A fatal start-up failure of the agent.
@@ -106,6 +140,12 @@ pub async fn run(
             s => Some(Duration::from_secs(s)),
         },
     });
+    let config_probe_ms = config.vip_probe_ms();
+    let peers = config
+        .remote_peers
+        .iter()
+        .map(|p| p.socket_addr())
+        .collect();
     let mut always = Vec::new();
     for lbc in config.load_balancers.iter().filter(|l| !l.bind_to_vip) {
         match RunningLb::start(lbc, lb::listen_addr(lbc, config.vip)).await {
@@ -123,11 +163,22 @@ pub async fn run(
         vip_lbs: Vec::new(),
         leftover: false,
         gate,
+        probe: match config_probe_ms {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        },
+        peers,
+        held: None,
+        probe_failure_logged: false,
     };
     let mut result = Ok(());
     loop {
         let want = *role.borrow_and_update();
-        let settled = agent.converge(want.role, want.as_of).await;
+        let next = agent.converge(want.role, want.as_of, &role).await;
+        let retry = match next {
+            Next::Settled => None,
+            Next::RetryIn(d) => Some(d),
+        };
         tokio::select! {
             _ = shutdown.recv() => break,
             changed = role.changed() => if changed.is_err() {
@@ -136,11 +187,18 @@ pub async fn run(
                 result = Err(AgentError::LeadershipLost);
                 break;
             },
-            _ = tokio::time::sleep(RETRY_INTERVAL), if !settled => {}
+            _ = tokio::time::sleep(retry.unwrap_or(RETRY_INTERVAL)), if retry.is_some() => {}
+            _ = vip_lost(&mut agent.holder) => {
+                // Release what is left of it (and open the vote gate); the next round takes it
+                // again if the lease still allows, after a probe.
+                if !agent.release_vip().await {
+                    tokio::time::sleep(RETRY_INTERVAL).await;
+                }
+            }
         }
     }
     // Retried until done: leaving on an error here would leave the VIP behind.
-    while !agent.converge(Role::Follower, Instant::now()).await {
+    while agent.converge(Role::Follower, Instant::now(), &role).await != Next::Settled {
         tokio::time::sleep(RETRY_INTERVAL).await;
     }
     stop_all(always).await;
@@ -148,10 +206,16 @@ pub async fn run(
 }
 
 impl Agent {
-    /// Moves one step closer to what `role` asks; returns whether everything is in place.
-    async fn converge(&mut self, role: Role, as_of: Instant) -> bool {
-        match role {
-            Role::Leader => self.lead(as_of).await,
+    /// Moves one step closer to what `role` asks. `current` is the live role signal, checked
+    /// again after a step that took time.
+    async fn converge(
+        &mut self,
+        role: Role,
+        as_of: Instant,
+        current: &watch::Receiver<Leadership>,
+    ) -> Next {
+        let done = match role {
+            Role::Leader => return self.lead(as_of, current).await,
             Role::Lapsed => self.release_vip().await,
             Role::Follower => {
                 // VIP first: until it is gone, the listeners keep accepting, so a client that
@@ -159,6 +223,76 @@ impl Agent {
                 let released = self.release_vip().await;
                 stop_all(std::mem::take(&mut self.vip_lbs)).await;
                 released
+            }
+        };
+        if done {
+            Next::Settled
+        } else {
+            Next::RetryIn(RETRY_INTERVAL)
+        }
+    }
+
+    /// Probes the link before a take; returns whether the VIP may be taken now.
+    async fn vip_is_ours_to_take(&mut self, settings: &VipSettings) -> bool {
+        let Some(window) = self.probe else {
+            return true;
+        };
+        let vip = settings.address;
+        match claim::check(settings, window, &self.peers).await {
+            Ok(Claim::Free) => {
+                if let Some((since, _)) = self.held.take() {
+                    info!(
+                        "VIP {vip} is free after {} ms; taking it",
+                        since.elapsed().as_millis()
+                    );
+                }
+                true
+            }
+            Ok(Claim::Abandoned { mac, peer }) => {
+                self.held = None;
+                warn!(
+                    "VIP {vip} is still answered by {} (peer {peer}), whose kube-vip is not running \
+                     (its Raft port refuses connections): taking over the address it left; \
+                     its kernel drops it within {} s",
+                    vip::fmt_mac(&mac),
+                    vip::ADDRESS_LIFETIME_SECS
+                );
+                true
+            }
+            Ok(Claim::Held { mac, peer }) => {
+                let now = Instant::now();
+                let who = match peer {
+                    Some(p) => format!("peer {p}, which is still running"),
+                    None => "a host that is not one of our peers".to_string(),
+                };
+                match &mut self.held {
+                    None => {
+                        warn!(
+                            "VIP {vip} is in use by {} ({who}); not taking it while it answers",
+                            vip::fmt_mac(&mac)
+                        );
+                        self.held = Some((now, now));
+                    }
+                    Some((since, logged)) if now - *logged >= HELD_LOG_INTERVAL => {
+                        error!(
+                            "VIP {vip} has been in use by {} ({who}) for {} s; still waiting",
+                            vip::fmt_mac(&mac),
+                            (now - *since).as_secs()
+                        );
+                        *logged = now;
+                    }
+                    Some(_) => {}
+                }
+                false
+            }
+            Err(e) => {
+                // No probe is no evidence of a conflict: take the VIP as Raft says, as without
+                // the probe, and say once that this node is unprotected.
+                if !self.probe_failure_logged {
+                    warn!("{e}; taking VIPs without probing the link first");
+                    self.probe_failure_logged = true;
+                }
+                true
             }
         }
     }
@@ -196,9 +330,17 @@ impl Agent {
         }
     }
 
-    async fn lead(&mut self, as_of: Instant) -> bool {
+    async fn lead(&mut self, as_of: Instant, current: &watch::Receiver<Leadership>) -> Next {
         let mut changed = false;
-        if let (None, Some(settings)) = (&self.holder, &self.vip) {
+        if let (None, Some(settings)) = (&self.holder, self.vip.clone()) {
+            if !self.vip_is_ours_to_take(&settings).await {
+                return Next::RetryIn(claim::PROBE_RETRY);
+            }
+            // The probe took a while: the lease may have lapsed meanwhile (maybe with its timer
+            // not run yet, if this process was stalled).
+            if !current.borrow().may_hold(Instant::now()) {
+                return Next::RetryIn(Duration::ZERO);
+            }
             let take = VipHolder::take(settings.clone());
             let taken = match &self.gate {
                 Some(g) => g.take(as_of, take).await,
@@ -214,11 +356,11 @@ impl Agent {
                     error!("cannot take VIP {}: {e}; retrying", settings.address);
                     // It may be half-added; a later release must make sure it is gone.
                     self.leftover = true;
-                    return false;
+                    return Next::RetryIn(RETRY_INTERVAL);
                 }
                 Err(StaleLeadership) => {
                     info!("this node voted after that leadership decision; waiting for news");
-                    return false;
+                    return Next::RetryIn(RETRY_INTERVAL);
                 }
             }
         }
@@ -247,7 +389,19 @@ impl Agent {
                 self.vip_lbs.len()
             );
         }
-        all
+        if all {
+            Next::Settled
+        } else {
+            Next::RetryIn(RETRY_INTERVAL)
+        }
+    }
+}
+
+/// Completes when the held VIP has gone from the interface; never without one.
+async fn vip_lost(holder: &mut Option<VipHolder>) {
+    match holder {
+        Some(h) => h.lost().await,
+        None => std::future::pending().await,
     }
 }
 

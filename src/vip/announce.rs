@@ -134,8 +134,9 @@ fn neighbor_advert(mac: EthernetAddress, ip: Ipv6Addr) -> Vec<u8> {
     buf
 }
 
-/// A send-only AF_PACKET socket on one interface. Opened with protocol 0, so the kernel
-/// queues nothing to it: it never needs reading.
+/// An AF_PACKET socket on one interface. [`PacketSocket::open`] makes a send-only one (protocol
+/// 0: the kernel queues nothing to it, so it never needs reading); [`PacketSocket::open_bound`]
+/// one that also receives the frames of one ethertype arriving on that interface.
 #[derive(Debug)]
 pub struct PacketSocket {
     /// The socket.
@@ -154,6 +155,44 @@ impl PacketSocket {
             None,
         )?;
         Ok(PacketSocket { fd, ifindex })
+    }
+
+    /// Opens a non-blocking socket that also receives frames of `ethertype` arriving on (or
+    /// sent from) the interface; needs CAP_NET_RAW.
+    pub fn open_bound(ifindex: u32, ethertype: u16) -> io::Result<PacketSocket> {
+        // Protocol 0 at creation and the real one at bind: a socket created with the protocol
+        // would see that ethertype on every interface until the bind narrows it.
+        let fd = socket::socket(
+            AddressFamily::Packet,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = ethertype.to_be();
+        sll.sll_ifindex = ifindex as i32;
+        // SAFETY: `sll` is a fully initialised sockaddr_ll and the length passed is its size.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(PacketSocket { fd, ifindex })
+    }
+
+    /// Receives one frame into `buf` (truncated to its length); `WouldBlock` when none is queued.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        Ok(socket::recv(
+            self.fd.as_raw_fd(),
+            buf,
+            MsgFlags::MSG_DONTWAIT,
+        )?)
     }
 
     /// Sends one complete Ethernet frame (header included) out of the interface.
@@ -178,6 +217,12 @@ impl PacketSocket {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad link address"))?;
         socket::sendto(self.fd.as_raw_fd(), frame, &addr, MsgFlags::empty())?;
         Ok(())
+    }
+}
+
+impl AsRawFd for PacketSocket {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
     }
 }
 

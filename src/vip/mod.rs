@@ -3,7 +3,10 @@
 //! [`VipHolder::take`] adds the address and starts a keeper task; [`VipHolder::release`] stops the
 //! keeper and removes the address. Between the two the keeper
 //! - listens to netlink link and address events (and re-checks every [`RECONCILE_INTERVAL`] in
-//!   case an event was lost) and puts the address back if someone removes it,
+//!   case an event was lost); if the address is gone it stops and says so
+//!   ([`VipHolder::lost`]). It never puts the address back itself: the address may have gone
+//!   because this process stalled past its lifetime, when the VIP may be another node's by now,
+//!   so only the agent, which checks the lease and probes the link first, adds it again.
 //! - announces the VIP in a burst when taken, again whenever it had to be put back or the link
 //!   comes back up, and then every `arpRefreshSeconds`;
 //! - renews the address's lifetime every [`RECONCILE_INTERVAL`]. The address is added with a
@@ -13,6 +16,7 @@
 
 pub mod announce;
 pub mod netlink;
+pub mod probe;
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -62,6 +66,8 @@ pub struct VipSettings {
 pub struct VipHolder {
     /// Tells the keeper to stop; a oneshot because it is only ever said once.
     stop: oneshot::Sender<()>,
+    /// Completes when the keeper found the address gone (and stopped).
+    lost: oneshot::Receiver<()>,
     /// The keeper task.
     task: JoinHandle<()>,
     /// Netlink handle used to remove the address.
@@ -90,13 +96,26 @@ impl VipHolder {
             fmt_mac(&l.mac)
         );
         let (stop, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(keep(handle.clone(), settings.clone(), l, stop_rx));
+        let (lost_tx, lost) = oneshot::channel();
+        let task = tokio::spawn(keep(handle.clone(), settings.clone(), l, stop_rx, lost_tx));
         Ok(VipHolder {
             stop,
+            lost,
             task,
             handle,
             settings,
         })
+    }
+
+    /// Completes when the address has gone from the interface (removed from outside, expired,
+    /// or its interface deleted). Cancel-safe. The holder must then be released and the VIP
+    /// taken anew.
+    pub async fn lost(&mut self) {
+        if (&mut self.lost).await.is_err() {
+            // The keeper ended without reporting a loss (it only does that when stopped, which
+            // takes `self`): never complete.
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Stops keeping the VIP and removes it from the interface.
@@ -133,6 +152,59 @@ pub async fn remove_stale(interface: &str, address: IpAddr) -> Result<bool, Netl
         warn!("removed VIP {address} from {interface}: it was left there by an earlier run and this node does not hold it");
     }
     Ok(removed)
+}
+
+/// Who answers for the VIP on its link, found by [`probe_link`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnLink {
+    /// Nobody answered within the probe window.
+    Free,
+    /// A host answers for the VIP.
+    InUse {
+        /// Its hardware address.
+        mac: [u8; 6],
+        /// Its addresses, as far as this host's neighbour table knows the MAC.
+        known_as: Vec<IpAddr>,
+    },
+}
+
+/// Why the link could not be probed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// Finding the interface or reading the neighbour table failed.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    /// The packet socket could not be opened or used.
+    #[error("cannot probe for VIP {address} on {iface} (needs CAP_NET_RAW): {source}")]
+    Socket {
+        /// The VIP.
+        address: IpAddr,
+        /// The interface.
+        iface: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Probes the VIP's link for `window` (see [`probe`]); when someone answers, looks up who the
+/// answering MAC is in the neighbour table.
+pub async fn probe_link(s: &VipSettings, window: Duration) -> Result<OnLink, ProbeError> {
+    let handle = netlink::connect()?;
+    let l = link(&handle, &s.interface).await?;
+    let found = probe::probe(l.index, l.mac, s.address, window)
+        .await
+        .map_err(|source| ProbeError::Socket {
+            address: s.address,
+            iface: s.interface.clone(),
+            source,
+        })?;
+    match found {
+        probe::Probe::Clear => Ok(OnLink::Free),
+        probe::Probe::InUse { mac } => Ok(OnLink::InUse {
+            mac,
+            known_as: netlink::neighbours_with_mac(&handle, l.index, mac, &s.interface).await?,
+        }),
+    }
 }
 
 /// Announcement timing: a burst with doubling gaps, then optional refreshes.
@@ -182,7 +254,13 @@ impl Schedule {
 }
 
 /// Keeps the VIP on the interface and announces it until told to stop.
-async fn keep(handle: Handle, s: VipSettings, mut l: Link, mut stop: oneshot::Receiver<()>) {
+async fn keep(
+    handle: Handle,
+    s: VipSettings,
+    mut l: Link,
+    mut stop: oneshot::Receiver<()>,
+    lost: oneshot::Sender<()>,
+) {
     let events = match rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,
         MulticastGroup::Ipv4Ifaddr,
@@ -234,6 +312,14 @@ async fn keep(handle: Handle, s: VipSettings, mut l: Link, mut stop: oneshot::Re
         }
         match reconcile(&handle, &s, &mut l).await {
             Ok(Reconciled::Unchanged) => {}
+            Ok(Reconciled::Lost) => {
+                warn!(
+                    "VIP {} was removed from {} from outside (or its lifetime ran out); putting it back after checking the lease and the link",
+                    s.address, s.interface
+                );
+                let _ = lost.send(());
+                return;
+            }
             Ok(Reconciled::Reannounce { reopen }) => {
                 if reopen {
                     socket = open_socket(&s, &l);
@@ -260,6 +346,8 @@ impl Drop for AbortOnDrop {
 enum Reconciled {
     /// Address present, link as before.
     Unchanged,
+    /// The address is gone.
+    Lost,
     /// The address was put back, the link came up, or the interface was re-created.
     Reannounce {
         /// The interface index changed, so the packet socket must be reopened.
@@ -279,7 +367,10 @@ async fn reconcile(
     let present = find_address(handle, l.index, s.address, &s.interface)
         .await?
         .is_some();
-    // Renews the lifetime when present, puts the address back when not.
+    if !present {
+        return Ok(Reconciled::Lost);
+    }
+    // Renews the lifetime.
     add_address(
         handle,
         l.index,
@@ -288,18 +379,13 @@ async fn reconcile(
         ADDRESS_LIFETIME_SECS,
     )
     .await?;
-    if !present {
-        warn!(
-            "VIP {} was removed from {} from outside; put it back",
-            s.address, s.interface
-        );
-    } else if came_up {
+    if came_up {
         info!(
             "link {} is up; announcing VIP {} again",
             s.interface, s.address
         );
     }
-    Ok(if !present || came_up || reopen {
+    Ok(if came_up || reopen {
         Reconciled::Reannounce { reopen }
     } else {
         Reconciled::Unchanged

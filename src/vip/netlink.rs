@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use futures::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, CacheInfo};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
 use rtnetlink::Handle;
 
 /// What the keeper needs to know about the VIP's interface.
@@ -191,5 +192,50 @@ pub async fn remove_address(
             iface: iface.to_string(),
             source,
         }),
+    }
+}
+
+/// The IP addresses that the neighbour tables of interface `index` map to hardware address
+/// `mac`: who a MAC seen on the link is, as far as this host has talked to it.
+pub async fn neighbours_with_mac(
+    handle: &Handle,
+    index: u32,
+    mac: [u8; 6],
+    iface: &str,
+) -> Result<Vec<IpAddr>, NetlinkError> {
+    let mut stream = handle.neighbours().get().execute();
+    let mut found = Vec::new();
+    loop {
+        let msg = match stream.try_next().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return Ok(found),
+            Err(source) => {
+                return Err(NetlinkError::Request {
+                    op: "list neighbours",
+                    iface: iface.to_string(),
+                    source,
+                })
+            }
+        };
+        if msg.header.ifindex != index {
+            continue;
+        }
+        let mut ip = None;
+        let mut matches = false;
+        for a in &msg.attributes {
+            match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                    ip = Some(IpAddr::V4(*v4))
+                }
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                    ip = Some(IpAddr::V6(*v6))
+                }
+                NeighbourAttribute::LinkLayerAddress(ll) => matches = ll[..] == mac[..],
+                _ => {}
+            }
+        }
+        if let (Some(ip), true) = (ip, matches) {
+            found.push(ip);
+        }
     }
 }

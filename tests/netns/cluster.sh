@@ -3,7 +3,9 @@
 # seed (three peers, startAsLeader on the first, Raft on :10000), with a client and three
 # backends. Checks: one holder, round-robin through the VIP, kill -9 failover, restarts that
 # must not disturb the leader, a partitioned leader (VIP sampled every 10 ms on all nodes: never
-# two holders), healing, garbage on the Raft port, and a planned handover on SIGTERM.
+# two holders), healing, a frozen leader (SIGSTOP: its kernel still answers for the VIP, so the
+# new leader must wait for the address to go), garbage on the Raft port, and a planned handover
+# on SIGTERM.
 source "$(dirname "$0")/../lib.sh"
 source "$ROOT/tests/cluster-lib.sh"
 
@@ -78,6 +80,8 @@ echo "#   kill -9: new holder seen after $((t_new - t_kill)) ms, first client su
 wait_until 3 live_holder || true
 NEW=$(live_holder || true)
 [ -n "$NEW" ] || { not_ok "a live node holds the VIP after the kill"; summary; exit 1; }
+check "kill -9: the new leader saw the dead leader's leftover VIP answer its probe and took it over" \
+  grep -q "VIP $VIP is still answered by .* (peer 10.88.0.11:10000), whose kube-vip is not running" "$WORK/node$NEW.log"
 
 # --- the killed leader restarts with its state (and its stale VIP): it rejoins as a follower
 start_sampler leader-restart
@@ -113,6 +117,45 @@ stop_sampler partition
 echo "#   partition: new holder after $((t_took - t_part)) ms; holders seen: $(holders_seen partition)"
 check "partition and heal: no 10 ms sample ever saw two holders" never_two partition
 check "after healing: exactly one holder" one_holder
+
+# --- freeze the leader (SIGSTOP): a process starved of CPU far past its lease. Its kernel keeps
+# the VIP until the address lifetime (3 s) runs out, and still answers ARP and Raft connects, so
+# the new leader must wait until the address is gone, and the frozen one must not put it back
+# when it wakes up.
+L=$(holders)
+start_sampler freeze
+m_others=()
+for i in 1 2 3; do m_others[i]=$(log_mark "$i"); done
+t_stop=$(date +%s%3N)
+kill -STOP "${NODE_PID[$L]}"
+check "freeze: another node takes the VIP once the frozen leader's address expired" \
+  wait_until 8 holder_is_not "$L"
+t_took=$(date +%s%3N)
+waited=none
+for i in 1 2 3; do
+  [ "$i" = "$L" ] || ! log_since "$i" "${m_others[$i]}" "VIP $VIP is in use by .*(peer ${NODE_IP[$L]}:10000, which is still running)" || waited=$i
+done
+check "freeze: the new leader waited, logging that the frozen peer still answered for the VIP" test "$waited" != none
+kill -CONT "${NODE_PID[$L]}"
+sleep 1.5
+stop_sampler freeze
+echo "#   freeze: new holder $((t_took - t_stop)) ms after SIGSTOP; holders seen: $(holders_seen freeze)"
+check "freeze and thaw: no 10 ms sample ever saw two holders" never_two freeze
+check "freeze and thaw: the thawed node does not take the VIP back" bash -c "! ip -n ${NODE_NS[$L]} -o addr show dev eth0 | grep -q '$VIP/'"
+check "freeze and thaw: exactly one holder" one_holder
+
+# The same with a short freeze (a starved process, not a dead one): the leader thaws with its
+# address still up, finds its lease long over and removes it; only then may the new one take it.
+L=$(holders)
+start_sampler short-freeze
+kill -STOP "${NODE_PID[$L]}"
+sleep 0.6
+kill -CONT "${NODE_PID[$L]}"
+check "short freeze: another node takes the VIP" wait_until 5 holder_is_not "$L"
+sleep 1
+stop_sampler short-freeze
+echo "#   short freeze: holders seen: $(holders_seen short-freeze)"
+check "short freeze and thaw: no 10 ms sample ever saw two holders" never_two short-freeze
 
 # --- planned handover: SIGTERM on the leader
 L=$(holders)

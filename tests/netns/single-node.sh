@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Single-node agent on a real veth pair: VIP via netlink, gratuitous ARP checked field by field
 # in a tcpdump capture, neighbour cache update, round-robin through VIP:6443, dead backends,
-# re-adding a VIP removed by hand, link flap, SIGTERM cleanup; then the same for an IPv6 VIP.
+# re-adding a VIP removed by hand, link flap, SIGTERM cleanup, no take-over of a VIP another
+# host answers for (ARP probe / DAD); then the same for an IPv6 VIP.
 source "$(dirname "$0")/../lib.sh"
 
 mkns A agent   # runs kube-vip
@@ -71,7 +72,7 @@ start_agent() {
 # ---------- IPv4 ----------
 start_backends 1 2 3
 write_config "$VIP" 10.77.0.11 10.77.0.12 10.77.0.13
-check "kube-vip check accepts the test config" "$KUBE_VIP" check -c "$WORK/config.yaml" >/dev/null 2>&1
+check "kube-vip check accepts the test config" quiet "$KUBE_VIP" check -c "$WORK/config.yaml"
 
 # A stale neighbour entry with the wrong MAC, as a client would have after a failover.
 nsx "$P" ip neigh replace "$VIP" lladdr 02:de:ad:be:ef:01 dev eth0 nud stale
@@ -97,7 +98,12 @@ check "gratuitous ARP request: len 60, broadcast, op 1, sender=target=VIP, sende
   test "$(count_of "$want_req")" -ge 3
 check "gratuitous ARP reply: len 60, broadcast, op 2, sender=target=VIP, target MAC = sender MAC" \
   test "$(count_of "$want_rep")" -ge 3
-check "no other ARP frames were sent" test "$(echo "$fields" | wc -l)" -eq 2
+want_probe="60 $AGENT_MAC ff:ff:ff:ff:ff:ff 1 $AGENT_MAC 0.0.0.0 00:00:00:00:00:00 $VIP"
+check "ARP probe before taking: broadcast, op 1, sender IP 0.0.0.0, target VIP, twice" \
+  test "$(count_of "$want_probe")" -eq 2
+first=$(tshark -r "$WORK/arp.pcap" -c 2 -T fields -e arp.src.proto_ipv4 2>/dev/null | sort -u)
+check "both probes went out before the first gratuitous frame" test "$first" = 0.0.0.0
+check "no other ARP frames were sent" test "$(echo "$fields" | wc -l)" -eq 3
 check "peer's stale neighbour entry for the VIP now has the agent's MAC" \
   bash -c "ip -n $P neigh show $VIP dev eth0 | grep -q 'lladdr $AGENT_MAC'"
 
@@ -177,6 +183,26 @@ check "SIGTERM: removal is logged" grep -q "VIP $VIP released" "$WORK/agent.log"
 check "SIGTERM: nothing listens on 6443 any more" bash -c "! ip netns exec $A ss -Htln | grep -q ':6443 '"
 check "no panic in the log" bash -c "! grep -qi panick $WORK/agent.log"
 
+# Another host on the link has the VIP (a misconfigured machine; or an old leader whose process
+# is frozen): the agent must not take it while that host answers, and must take it once it
+# stops. conflict_test VIP: the peer namespace plays the other host.
+conflict_test() {
+  local vip=$1 fam=IPv4 plen=32 opts=() peer_mac
+  [ -z "${V6:-}" ] || { fam=IPv6; plen=128; opts=(nodad); }
+  peer_mac=$(nsx "$P" cat /sys/class/net/eth0/address)
+  nsx "$P" ip addr add "$vip/$plen" dev eth0 "${opts[@]}"
+  start_agent
+  sleep 1.5
+  check "$fam VIP in use by another host: the agent does not take it" bash -c "! ip -n $A -o addr show dev vip0 | grep -q ' $vip/'"
+  check "$fam VIP in use: logged with the other host's MAC" \
+    grep -q "VIP $vip is in use by $peer_mac (a host that is not one of our peers)" "$WORK/agent.log"
+  nsx "$P" ip addr del "$vip/$plen" dev eth0
+  check "$fam VIP released by the other host: the agent takes it within 1 s" wait_until 1 has_addr "$A" vip0 "$vip"
+  check "$fam VIP free again: logged" grep -q "VIP $vip is free after" "$WORK/agent.log"
+  kill -TERM "$AGENT"; wait "$AGENT" || true
+}
+conflict_test "$VIP"
+
 # ---------- IPv6 ----------
 stop_backend 1; stop_backend 2; stop_backend 3
 V6=1
@@ -199,5 +225,6 @@ check "unsolicited NA: to all-nodes, hop limit 255, override set, solicited clea
 check "IPv6 load balancer answers on [VIP]:6443" wait_until 5 nsx "$P" python3 "$SUPPORT/client.py" "$VIP6" 6443 1 1
 kill -TERM "$AGENT"; wait "$AGENT" || true
 check "SIGTERM: IPv6 VIP is removed" bash -c "! ip -n $A -o addr show dev vip0 | grep -q '$VIP6/'"
+conflict_test "$VIP6"
 
 summary
