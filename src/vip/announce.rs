@@ -25,8 +25,6 @@ pub const MIN_FRAME_LEN: usize = 60;
 const ETHERNET_HEADER_LEN: usize = 14;
 /// Neighbor discovery messages must carry hop limit 255 or receivers drop them (RFC 4861 7.1.2).
 const NDISC_HOP_LIMIT: u8 = 255;
-/// Ethernet multicast MAC of ff02::1 (all nodes), per RFC 2464: 33:33 + low 32 bits.
-const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
 
 /// One frame that announces the VIP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,30 +60,33 @@ pub fn build_frame(kind: Announcement, mac: [u8; 6], ip: IpAddr) -> Option<Vec<u
             Some(arp_frame(
                 ArpOperation::Request,
                 mac,
+                v4,
                 EthernetAddress([0; 6]),
                 v4,
             ))
         }
         (Announcement::GratuitousReply, IpAddr::V4(v4)) => {
-            Some(arp_frame(ArpOperation::Reply, mac, mac, v4))
+            Some(arp_frame(ArpOperation::Reply, mac, v4, mac, v4))
         }
         (Announcement::UnsolicitedAdvert, IpAddr::V6(v6)) => Some(neighbor_advert(mac, v6)),
         _ => None,
     }
 }
 
-fn arp_frame(
+/// A broadcast ARP frame from `mac`.
+pub(super) fn arp_frame(
     op: ArpOperation,
     mac: EthernetAddress,
+    sender_ip: Ipv4Addr,
     target_mac: EthernetAddress,
-    ip: Ipv4Addr,
+    target_ip: Ipv4Addr,
 ) -> Vec<u8> {
     let arp = ArpRepr::EthernetIpv4 {
         operation: op,
         source_hardware_addr: mac,
-        source_protocol_addr: ip,
+        source_protocol_addr: sender_ip,
         target_hardware_addr: target_mac,
-        target_protocol_addr: ip,
+        target_protocol_addr: target_ip,
     };
     let eth = EthernetRepr {
         src_addr: mac,
@@ -101,22 +102,35 @@ fn arp_frame(
 
 fn neighbor_advert(mac: EthernetAddress, ip: Ipv6Addr) -> Vec<u8> {
     let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
-    let icmp = Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+    let icmp = NdiscRepr::NeighborAdvert {
         // Override: replace whatever MAC neighbours cached for the VIP. Not solicited: nobody asked.
         flags: NdiscNeighborFlags::OVERRIDE,
         target_addr: ip,
         lladdr: Some(RawHardwareAddress::from(mac)),
-    });
+    };
+    ndisc_frame(mac, ip, all_nodes, icmp)
+}
+
+/// A neighbor discovery message from `mac` and `src` to the multicast group `group`.
+pub(super) fn ndisc_frame(
+    mac: EthernetAddress,
+    src: Ipv6Addr,
+    group: Ipv6Addr,
+    msg: NdiscRepr,
+) -> Vec<u8> {
+    let icmp = Icmpv6Repr::Ndisc(msg);
     let ipv6 = Ipv6Repr {
-        src_addr: ip,
-        dst_addr: all_nodes,
+        src_addr: src,
+        dst_addr: group,
         next_header: IpProtocol::Icmpv6,
         payload_len: icmp.buffer_len(),
         hop_limit: NDISC_HOP_LIMIT,
     };
+    let g = group.octets();
     let eth = EthernetRepr {
         src_addr: mac,
-        dst_addr: EthernetAddress(ALL_NODES_MAC),
+        // RFC 2464: 33:33 + the group's low 32 bits.
+        dst_addr: EthernetAddress([0x33, 0x33, g[12], g[13], g[14], g[15]]),
         ethertype: EthernetProtocol::Ipv6,
     };
     let len = ETHERNET_HEADER_LEN + ipv6.buffer_len() + icmp.buffer_len();
@@ -126,8 +140,8 @@ fn neighbor_advert(mac: EthernetAddress, ip: Ipv6Addr) -> Vec<u8> {
     let mut packet = Ipv6Packet::new_unchecked(frame.payload_mut());
     ipv6.emit(&mut packet);
     icmp.emit(
-        &ip,
-        &all_nodes,
+        &src,
+        &group,
         &mut Icmpv6Packet::new_unchecked(packet.payload_mut()),
         &ChecksumCapabilities::default(),
     );
@@ -231,6 +245,8 @@ mod tests {
     use super::*;
 
     const MAC: [u8; 6] = [0x02, 0, 0, 0xaa, 0xbb, 0xcc];
+    /// Ethernet multicast MAC of ff02::1 (all nodes), per RFC 2464: 33:33 + low 32 bits.
+    const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
 
     fn parse_arp(frame: &[u8]) -> (EthernetRepr, ArpRepr) {
         let eth = EthernetFrame::new_checked(frame).expect("ethernet");

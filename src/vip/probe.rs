@@ -16,18 +16,16 @@ use std::time::Duration;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
-    EthernetRepr, Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv6Packet, Ipv6Repr, NdiscRepr,
+    Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv6Packet, Ipv6Repr, NdiscRepr,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::time::{sleep_until, Instant};
 
-use super::announce::{PacketSocket, MIN_FRAME_LEN};
+use super::announce::{arp_frame, ndisc_frame, PacketSocket};
 
 /// Probes sent per check, spread over its window, so one lost frame does not make a held VIP
 /// look free.
 pub const PROBES_PER_CHECK: u32 = 2;
-/// Ethernet header length.
-const ETHERNET_HEADER_LEN: usize = 14;
 /// Neighbor discovery messages must carry hop limit 255 or receivers drop them (RFC 4861 7.1.2).
 const NDISC_HOP_LIMIT: u8 = 255;
 /// Largest frame read; longer ones are truncated, which no ARP or NDP answer is.
@@ -108,24 +106,14 @@ pub fn probe_frame(mac: [u8; 6], vip: IpAddr) -> Vec<u8> {
 }
 
 fn arp_probe(mac: EthernetAddress, vip: Ipv4Addr) -> Vec<u8> {
-    let arp = ArpRepr::EthernetIpv4 {
-        operation: ArpOperation::Request,
-        source_hardware_addr: mac,
-        // 0.0.0.0: "I do not have an address yet" — receivers answer but learn nothing from it.
-        source_protocol_addr: Ipv4Addr::UNSPECIFIED,
-        target_hardware_addr: EthernetAddress([0; 6]),
-        target_protocol_addr: vip,
-    };
-    let eth = EthernetRepr {
-        src_addr: mac,
-        dst_addr: EthernetAddress::BROADCAST,
-        ethertype: EthernetProtocol::Arp,
-    };
-    let mut buf = vec![0u8; MIN_FRAME_LEN.max(ETHERNET_HEADER_LEN + arp.buffer_len())];
-    let mut frame = EthernetFrame::new_unchecked(&mut buf);
-    eth.emit(&mut frame);
-    arp.emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));
-    buf
+    // Sender 0.0.0.0: "I do not have an address yet" — receivers answer but learn nothing.
+    arp_frame(
+        ArpOperation::Request,
+        mac,
+        Ipv4Addr::UNSPECIFIED,
+        EthernetAddress([0; 6]),
+        vip,
+    )
 }
 
 /// The solicited-node multicast group of `ip` (RFC 4291 2.7.1): ff02::1:ff + its low 24 bits.
@@ -144,41 +132,14 @@ pub fn solicited_node(ip: Ipv6Addr) -> Ipv6Addr {
 }
 
 fn dad_solicitation(mac: EthernetAddress, vip: Ipv6Addr) -> Vec<u8> {
-    let group = solicited_node(vip);
     // From `::` a solicitation must carry no link-layer option (RFC 4861 7.1.1), and Linux
     // answers it only when sent to the solicited-node group: then with an advertisement to all
     // nodes, which is what we read.
-    let icmp = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+    let ns = NdiscRepr::NeighborSolicit {
         target_addr: vip,
         lladdr: None,
-    });
-    let ipv6 = Ipv6Repr {
-        src_addr: Ipv6Addr::UNSPECIFIED,
-        dst_addr: group,
-        next_header: IpProtocol::Icmpv6,
-        payload_len: icmp.buffer_len(),
-        hop_limit: NDISC_HOP_LIMIT,
     };
-    let g = group.octets();
-    let eth = EthernetRepr {
-        src_addr: mac,
-        // RFC 2464: 33:33 + the group's low 32 bits.
-        dst_addr: EthernetAddress([0x33, 0x33, g[12], g[13], g[14], g[15]]),
-        ethertype: EthernetProtocol::Ipv6,
-    };
-    let len = ETHERNET_HEADER_LEN + ipv6.buffer_len() + icmp.buffer_len();
-    let mut buf = vec![0u8; MIN_FRAME_LEN.max(len)];
-    let mut frame = EthernetFrame::new_unchecked(&mut buf);
-    eth.emit(&mut frame);
-    let mut packet = Ipv6Packet::new_unchecked(frame.payload_mut());
-    ipv6.emit(&mut packet);
-    icmp.emit(
-        &Ipv6Addr::UNSPECIFIED,
-        &group,
-        &mut Icmpv6Packet::new_unchecked(packet.payload_mut()),
-        &ChecksumCapabilities::default(),
-    );
-    buf
+    ndisc_frame(mac, Ipv6Addr::UNSPECIFIED, solicited_node(vip), ns)
 }
 
 /// If `frame` shows another host answering for (or announcing) `vip`, that host's MAC. Our own
@@ -249,7 +210,7 @@ mod tests {
     fn arp_probe_has_no_sender_address() {
         let vip = Ipv4Addr::new(10, 0, 0, 75);
         let f = probe_frame(OURS, vip.into());
-        assert_eq!(f.len(), MIN_FRAME_LEN);
+        assert_eq!(f.len(), crate::vip::announce::MIN_FRAME_LEN);
         let eth = EthernetFrame::new_checked(&f[..]).expect("eth");
         assert_eq!(eth.dst_addr(), EthernetAddress::BROADCAST);
         let arp =
