@@ -111,6 +111,10 @@ pub struct SampleManifestArgs {
     /// Path of the config file on the node (mounted at /etc/kube-vip/config.yaml in the pod).
     #[arg(long, default_value = DEFAULT_CONFIG_PATH, value_name = "PATH")]
     pub config: PathBuf,
+    /// Run the pod with `start --singleNode`, whatever the config says: the bootstrap step on
+    /// the first control-plane node, before the other nodes have joined.
+    #[arg(long = "singleNode")]
+    pub single_node: bool,
 }
 
 /// Flags of `start`.
@@ -208,6 +212,11 @@ pub fn sample_manifest(a: &SampleManifestArgs) -> String {
     let host_config = a.config.display();
     let image = &a.image;
     let state = crate::config::DEFAULT_STATE_DIR;
+    let single_node = if a.single_node {
+        "\n    - --singleNode"
+    } else {
+        ""
+    };
     format!(
         r#"# kube-vip static pod. Put it in /etc/kubernetes/manifests/ on each control-plane node
 # (on joining nodes only after `kubeadm join` has finished).
@@ -230,7 +239,7 @@ spec:
     - /kube-vip
     - start
     - -c
-    - {DEFAULT_CONFIG_PATH}
+    - {DEFAULT_CONFIG_PATH}{single_node}
     securityContext:
       capabilities:
         drop:

@@ -6,7 +6,7 @@
 # from the host side of the bridge.
 #   single   one agent, singleNode: VIP:6443 reaches three backends round-robin; `docker stop`
 #            (SIGTERM) removes the VIP before the agent exits 0; restarts take it back.
-#   bootstrap  the kubeadm flow in docs/control-plane.md: the first node's agent alone in
+#   bootstrap  the kubeadm flow in README.md (run on control-plane nodes): the first node's agent alone in
 #            singleNode (Raft cannot elect a leader with one of three voters, and `kubeadm init`
 #            needs the VIP), the others join clustered and wait, then the first node switches
 #            to its clustered config and the three elect a leader; the VIP gap is measured.
@@ -148,7 +148,7 @@ write_config() { # MODE N: node N's config for single or cluster
 # start_agent NAME NODE CONFIG [VOLUME]: an agent as the static pod runs it: in node NODE's
 # namespace, only NET_ADMIN + NET_RAW, the config read-only where the manifest mounts it, and
 # (clustered) Raft state on a volume at the manifest's /var/lib/kube-vip.
-start_agent() {
+start_agent() { # NAME NODE CONFIG [STATE_VOLUME [START_FLAG...]]
   local name=$1 node=$2 config=$3 state=()
   if [ -n "${4:-}" ]; then
     VOLUMES+=("$4")
@@ -158,7 +158,7 @@ start_agent() {
     --cap-drop ALL --cap-add NET_ADMIN --cap-add NET_RAW \
     --read-only --security-opt no-new-privileges \
     -v "$config:$CONF:ro" "${state[@]}" \
-    "$IMAGE" start -c "$CONF"
+    "$IMAGE" start -c "$CONF" "${@:5}"
 }
 
 # stop_agent NAME: `docker stop` (SIGTERM, SIGKILL after 10 s); sets STOP_MS.
@@ -277,10 +277,10 @@ cluster() {
 bootstrap() {
   local i t gap b=kvt-$TAG-boot
   for i in $(seq "$NODES"); do write_config cluster "$i"; done
-  # What the docs call bootstrap.yaml: node 1's config with singleNode: true.
-  sed 's/^singleNode: false$/singleNode: true/' "$WORK/cluster1.yaml" >"$WORK/bootstrap1.yaml"
-  check "bootstrap: kube-vip check accepts bootstrap.yaml" check_in_image "$WORK/bootstrap1.yaml"
-  start_agent "${b}1" 1 "$WORK/bootstrap1.yaml" "kvt-$TAG-bstate1"
+  # As README's step 3 (`sample manifest --singleNode`): node 1's cluster config, run with the
+  # --singleNode override.
+  check "bootstrap: kube-vip check accepts node 1's config" check_in_image "$WORK/cluster1.yaml"
+  start_agent "${b}1" 1 "$WORK/cluster1.yaml" "kvt-$TAG-bstate1" --singleNode
   check "bootstrap: node1 alone (singleNode) holds the VIP, as kubeadm init needs" wait_until 5 node_has_vip 1
   check "bootstrap: VIP:6443 answers" wait_until 5 get "$VIP:6443"
   # kubeadm join on nodes 2 and 3, then their manifests: clustered, startAsLeader false.
@@ -288,7 +288,7 @@ bootstrap() {
   sleep 2
   check "bootstrap: nodes 2 and 3 wait for a cluster and leave the VIP on node1" test "$(holders)" = 1
   check "bootstrap: nodes 2 and 3 log that no leader is known yet" logged "${b}2" "no leader known"
-  # Node 1's manifest switched to config.yaml: kubelet stops the old pod (SIGTERM) and starts
+  # Node 1's manifest regenerated without --singleNode: kubelet stops the old pod (SIGTERM) and starts
   # the new one with the same state hostPath, still empty (singleNode writes no Raft state).
   t=$(now_ms)
   stop_agent "${b}1"

@@ -104,6 +104,11 @@ check "--config leaves the command alone" \
 check "--config changes nothing else" same_except "$M" "$WORK/cfg.yaml" 'd["spec"]["volumes"][0]["hostPath"]' path
 check "--config volume is the config volume (first)" \
   is '"config"' "$M" 'd["spec"]["volumes"][0]["name"]'
+"$KUBE_VIP" sample manifest --singleNode >"$WORK/single.yaml"
+check "--singleNode adds the override to the command (the bootstrap step)" \
+  is "[\"/kube-vip\",\"start\",\"-c\",\"$CONF\",\"--singleNode\"]" "$WORK/single.yaml" "${C}['command']"
+check "--singleNode changes nothing else" same_except "$M" "$WORK/single.yaml" "$C" command
+check "--singleNode: validates (strict) against Kubernetes $latest" validate "$latest" "$WORK/single.yaml"
 "$KUBE_VIP" sample manifest --image registry.example/kv:test --config /srv/kube-vip/vip.yaml >"$WORK/both.yaml"
 check "with both flags: validates (strict) against Kubernetes $latest" validate "$latest" "$WORK/both.yaml"
 
