@@ -61,6 +61,21 @@ impl VoteGate {
         Ok(())
     }
 
+    /// Runs `act` unless this node granted its vote to another node at or after `since`; `None`
+    /// if it did. Serialised with [`VoteGate::vote`], so no grant slips between the check and
+    /// `act`. Used to stand again in an election that a grant has just decided for someone
+    /// else only if there was no such grant (see `cluster::guard_elections`).
+    pub async fn unless_granted_since<F, T>(&self, since: Instant, act: F) -> Option<T>
+    where
+        F: Future<Output = T>,
+    {
+        let s = self.state.lock().await;
+        if s.last_grant.is_some_and(|g| g >= since) {
+            return None;
+        }
+        Some(act.await)
+    }
+
     /// Runs `vote` (openraft's decision) unless the VIP may be up, in which case `None` means
     /// "refuse". `granted_to_other` tells from the answer whether another node got our vote.
     pub async fn vote<F, T>(&self, vote: F, granted_to_other: impl Fn(&T) -> bool) -> Option<T>
@@ -96,6 +111,19 @@ mod tests {
         // The grant happened after `decided`: that decision is stale now.
         assert_eq!(g.take(decided, async { 2 }).await, Err(StaleLeadership));
         assert_eq!(g.take(Instant::now(), async { 3 }).await, Ok(3));
+    }
+
+    #[tokio::test]
+    async fn a_grant_cancels_what_was_planned_before_it() {
+        let g = VoteGate::default();
+        let planned = Instant::now();
+        assert_eq!(g.unless_granted_since(planned, async { 1 }).await, Some(1));
+        assert_eq!(g.vote(async { true }, |v| *v).await, Some(true));
+        assert_eq!(g.unless_granted_since(planned, async { 2 }).await, None);
+        // A refusal is no grant.
+        let later = Instant::now();
+        assert_eq!(g.vote(async { false }, |v| *v).await, Some(false));
+        assert_eq!(g.unless_granted_since(later, async { 3 }).await, Some(3));
     }
 
     #[tokio::test]

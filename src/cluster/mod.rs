@@ -89,11 +89,16 @@
 //!   follower and does not briefly claim leadership.
 //! * openraft 0.9 has no pre-vote: a node that times out bumps the term and a
 //!   healthy leader steps down when it sees it. Elections are therefore off
-//!   unless a quorum answers our own pre-vote with yes ([`guard_elections`]);
+//!   unless a quorum answers our own pre-vote with yes ([`probe_pre_votes`]);
 //!   a restarted node, a healed old leader or a follower that lost a few
 //!   heartbeats cannot depose a leader the others still hear from. The
 //!   transport retries unreachable peers every heartbeat interval instead of
 //!   openraft's default 500 ms, and hedges each call over two connections.
+//! * openraft 0.9 draws each node's random election timeout once, at start,
+//!   so two candidates that split a vote tend to split every following one
+//!   as well. A candidate therefore does not use openraft's timer: if its
+//!   election is undecided after a timeout drawn afresh for each term, it
+//!   stands again ([`guard_elections`]).
 //! * A node refuses every vote for `election_timeout_max` after it starts, and
 //!   while its VIP may be up ([`gate`]).
 
@@ -157,46 +162,112 @@ async fn watch_leadership(mut rx: watch::Receiver<Metrics>, since: Arc<Mutex<Opt
 
 /// openraft 0.9 has no pre-vote: a follower that misses heartbeats bumps the term, and that
 /// higher term deposes a healthy leader the moment it is seen (a partition heals, a restarted
-/// node reconnects slowly, a few heartbeats are lost). So elections stay switched off, and this
-/// guard switches them on only while a quorum (this node included) answers a
+/// node reconnects slowly, a few heartbeats are lost). So elections stay switched off, and
+/// [`guard_elections`] switches them on only while a quorum (this node included) answers a
 /// [`network::Request::PreVote`] with yes — which peers do only when they have not heard from
-/// a leader for a whole lease either. Rounds start once this node has not heard from a leader
-/// for half a lease, every `tick`, so by the time openraft's own timer fires (lease + random
-/// timeout after the last heartbeat) a real failover has already been cleared to proceed.
-/// A handover still works: `trigger().elect()` ignores the switch.
-async fn guard_elections(
+/// a leader for a whole lease either. This task asks: rounds start once this node has not heard
+/// from a leader for half a lease, every `tick`, so by the time openraft's own timer fires
+/// (lease + random timeout after the last heartbeat) a real failover has already been cleared
+/// to proceed. It publishes the answer on `tx`; a round waits for at most `lease / 2`, which is
+/// why it runs apart from [`guard_elections`].
+async fn probe_pre_votes(
     raft: Raft,
     network: Network,
-    peers: Arc<PeerMap>,
-    me: NodeId,
+    others: Vec<NodeId>,
     contact: network::LeaderContact,
     tick: Duration,
     lease: Duration,
+    tx: watch::Sender<bool>,
 ) {
-    let quorum = peers.len() / 2 + 1;
-    let mut enabled = false;
+    let members = others.len() + 1;
+    let quorum = members / 2 + 1;
     let mut every = tokio::time::interval(tick);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let m = raft.metrics().borrow().clone();
-        let want = if m.state == ServerState::Leader || contact.age() < lease / 2 {
+        let (leader, last_log_index) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            (m.state == ServerState::Leader, m.last_log_index)
+        };
+        let yes = if leader || contact.age() < lease / 2 {
             false
         } else {
-            let asks = peers
-                .keys()
-                .filter(|id| **id != me)
-                .map(|id| network.send_pre_vote(*id, m.last_log_index, lease / 2));
-            let yes = 1 + futures::future::join_all(asks)
+            let asks = others
+                .iter()
+                .map(|id| network.send_pre_vote(*id, last_log_index, lease / 2));
+            let granted = futures::future::join_all(asks)
                 .await
                 .into_iter()
                 .filter(|granted| *granted)
                 .count();
-            yes >= quorum
+            1 + granted >= quorum
         };
-        if want != enabled {
-            raft.runtime_config().elect(want);
-            enabled = want;
+        tx.send_if_modified(|v| std::mem::replace(v, yes) != yes);
+    }
+}
+
+/// A duration drawn uniformly from `[min, max]`, fresh on every call.
+///
+/// `RandomState` is seeded from the OS once per thread and then stepped for each new value,
+/// so each hasher hashes with different keys; the clock is mixed in as well. Plenty for
+/// election jitter, and no extra crate.
+fn random_between(min: Duration, max: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    h.write_u128(now.map(|d| d.as_nanos()).unwrap_or_default());
+    let span = max.saturating_sub(min).as_micros() as u64;
+    min + Duration::from_micros(h.finish() % (span + 1))
+}
+
+/// Owns openraft's `elect` switch, and restarts an undecided election at a fresh random time.
+///
+/// The switch is on while [`probe_pre_votes`] says a quorum would vote, except while this node
+/// is a candidate. Why the exception: openraft 0.9.25 draws its random election timeout once,
+/// when the node starts (`EngineConfig::new`), and checks it only on its timer tick
+/// (`heartbeat_interval * 3/2`, 30 ms with the defaults), so a node re-stands every 2, 3 or 4
+/// ticks after its last candidacy, always the same number. When both survivors of a failover
+/// stand in the same term, each has voted for itself and refuses the other; if they also
+/// re-stand after the same number of ticks (about one chance in three), they collide again
+/// every round until their timers drift apart: measured 100 ms to 4.4 s without a leader,
+/// in about one kill -9 failover in eight. So while this node is a candidate openraft's timer
+/// is off, and if the election has not ended after `random_between(timeout_min, timeout_max)`,
+/// drawn anew for each term, this task starts the next one (`trigger().elect()`), still only
+/// while a quorum would vote.
+///
+/// Safety: this changes only when a candidate stands again, never who may vote or how (vote
+/// gate, persisted vote, startup refusal, follower lease all stay). The one vote the lease
+/// argument (`agent::leadership`) could be hurt by is the candidate's vote for itself: a node
+/// must not stand within `lease` of acknowledging a leader's heartbeat, which openraft's timer
+/// ensures by waiting lease + timeout after a committed vote. `trigger().elect()` checks
+/// nothing, so the restart checks it here, in an order no message can slip into: under the
+/// [`VoteGate`] lock (no vote granted since it stood, so no winner to depose) and
+/// [`network::LeaderContact::unless_heard_within`] (no append or snapshot accepted for
+/// `lease`, and none accepted until the election command is queued, ahead of any later one),
+/// and only if the metrics still show it a candidate in the same term.
+async fn guard_elections(
+    raft: Raft,
+    gate: Arc<VoteGate>,
+    mut would_win: watch::Receiver<bool>,
+    contact: network::LeaderContact,
+    lease: Duration,
+    timeout_min: Duration,
+    timeout_max: Duration,
+) {
+    let mut metrics = raft.metrics();
+    let mut switch_on = false;
+    let mut quorum_would_vote = false;
+    // The term this node stands in, since when, and when to stand again (None: done that).
+    let mut standing: Option<(u64, Instant, Option<Instant>)> = None;
+    loop {
+        let candidate_term = {
+            let m = metrics.borrow_and_update();
+            (m.state == ServerState::Candidate).then_some(m.current_term)
+        };
+        let want = *would_win.borrow_and_update();
+        if want != quorum_would_vote {
+            quorum_would_vote = want;
             if want {
                 log::info!(
                     "no leader heard for {} ms and a quorum would vote: elections enabled",
@@ -204,6 +275,68 @@ async fn guard_elections(
                 );
             } else {
                 log::debug!("elections disabled: a leader is known");
+            }
+        }
+        standing = match (candidate_term, standing) {
+            (Some(t), Some(s)) if s.0 == t => Some(s),
+            (Some(t), _) => {
+                let now = Instant::now();
+                Some((t, now, Some(now + random_between(timeout_min, timeout_max))))
+            }
+            (None, _) => None,
+        };
+        let on = quorum_would_vote && standing.is_none();
+        if on != switch_on {
+            raft.runtime_config().elect(on);
+            switch_on = on;
+        }
+        let restart_at = standing
+            .and_then(|(_, _, at)| at)
+            .filter(|_| quorum_would_vote);
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            changed = would_win.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep_until(restart_at.unwrap_or_else(Instant::now).into()),
+                if restart_at.is_some() =>
+            {
+                if let Some((term, since, at)) = standing.as_mut() {
+                    let (term, since) = (*term, *since);
+                    // Stand again only as openraft's own timer would, checked and done with
+                    // nothing accepted in between (see `VoteGate::unless_granted_since` and
+                    // `LeaderContact::unless_heard_within`): still a candidate in that term, no
+                    // vote granted since (a grant restarts openraft's timer, and standing now
+                    // would depose the winner), no leader's append accepted for a lease (our own
+                    // vote must respect the lease a heartbeat we acknowledged gave its leader).
+                    let still = || {
+                        let m = raft.metrics();
+                        let m = m.borrow();
+                        m.state == ServerState::Candidate && m.current_term == term
+                    };
+                    let stood = gate
+                        .unless_granted_since(
+                            since.into(),
+                            contact.unless_heard_within(lease, async {
+                                if still() {
+                                    Some(raft.trigger().elect().await)
+                                } else {
+                                    None
+                                }
+                            }),
+                        )
+                        .await
+                        .flatten()
+                        .flatten();
+                    *at = None;
+                    match stood {
+                        Some(Ok(())) => log::info!(
+                            "election for term {term} undecided after {} ms: standing again",
+                            since.elapsed().as_millis()
+                        ),
+                        Some(Err(e)) => log::warn!("cannot restart the election: {e}"),
+                        // Not now; if nothing changes, try again after another random wait.
+                        None => *at = Some(Instant::now() + random_between(timeout_min, timeout_max)),
+                    }
+                }
             }
         }
     }
@@ -329,7 +462,10 @@ pub struct Cluster {
     leader_since: Arc<Mutex<Option<Instant>>>,
     /// Keeps `leader_since` up to date.
     leader_watch: JoinHandle<()>,
-    /// Switches openraft's elections on only while a pre-vote would win.
+    /// Asks the peers whether they would vote for this node (see [`probe_pre_votes`]).
+    prober: JoinHandle<()>,
+    /// Switches openraft's elections on only while a pre-vote would win, and restarts
+    /// undecided elections (see [`guard_elections`]).
     guard: JoinHandle<()>,
     /// Held for the life of the node; the OS releases the lock if we die.
     _lock: File,
@@ -418,21 +554,31 @@ impl Cluster {
                 me,
                 peers: peers.clone(),
                 no_votes_until: tokio::time::Instant::now() + lease,
-                gate,
+                gate: gate.clone(),
                 contact: contact.clone(),
                 lease,
             }),
         ));
-        // Elections stay off until a quorum would grant a pre-vote (see `guard_elections`).
+        // Elections stay off until a quorum would grant a pre-vote (see `probe_pre_votes`).
         raft.runtime_config().elect(false);
-        let guard = tokio::spawn(guard_elections(
+        let (would_win_tx, would_win) = watch::channel(false);
+        let prober = tokio::spawn(probe_pre_votes(
             raft.clone(),
             network.clone(),
-            peers.clone(),
-            me,
-            contact,
+            peers.keys().copied().filter(|id| *id != me).collect(),
+            contact.clone(),
             Duration::from_millis(s.heartbeat_ms),
             lease,
+            would_win_tx,
+        ));
+        let guard = tokio::spawn(guard_elections(
+            raft.clone(),
+            gate.clone(),
+            would_win,
+            contact,
+            lease,
+            Duration::from_millis(s.election_timeout_min_ms),
+            Duration::from_millis(s.election_timeout_max_ms),
         ));
         let leader_since = Arc::new(Mutex::new(None));
         let leader_watch = tokio::spawn(watch_leadership(raft.metrics(), leader_since.clone()));
@@ -446,6 +592,7 @@ impl Cluster {
             server,
             leader_since,
             leader_watch,
+            prober,
             guard,
             _lock: lock,
         };
@@ -621,8 +768,28 @@ impl Cluster {
         }
         self.server.abort();
         self.leader_watch.abort();
+        self.prober.abort();
         self.guard.abort();
         let _ = self.server.await;
         self.network.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_between_stays_in_range_and_varies() {
+        let (min, max) = (Duration::from_millis(40), Duration::from_millis(120));
+        let draws: BTreeSet<Duration> = (0..200).map(|_| random_between(min, max)).collect();
+        assert!(draws.iter().all(|d| (min..=max).contains(d)));
+        assert!(draws.len() > 150, "only {} distinct draws", draws.len());
+        assert_eq!(random_between(max, max), max);
+        assert_eq!(
+            random_between(max, min),
+            max,
+            "an empty range gives its lower end"
+        );
     }
 }

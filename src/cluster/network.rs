@@ -33,7 +33,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
+use futures::{Future, FutureExt};
 use openraft::error::{
     Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed,
     StreamingError, Unreachable,
@@ -685,6 +685,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, _node: &Node) -> PeerConnection {
         PeerConnection {
             target,
+            name: self
+                .inner
+                .peers
+                .get(&target)
+                .map(|p| PeerName(p).to_string())
+                .unwrap_or_else(|| format!("{target:#x}")),
             client: self.client(target),
             backoff: self.inner.backoff,
         }
@@ -742,6 +748,8 @@ impl HedgedClient {
 /// openraft's view of the connection to one peer.
 pub struct PeerConnection {
     target: NodeId,
+    /// The peer as log lines name it.
+    name: String,
     /// `None` if the membership names a node that is not in our configuration.
     client: Option<HedgedClient>,
     backoff: Duration,
@@ -773,6 +781,60 @@ fn unexpected<E: std::error::Error>(what: &str, got: &Response) -> RpcErr<E> {
     RPCError::Network(NetworkError::new(&e))
 }
 
+/// Logs what became of one vote request sent by this node: granted, refused (with the
+/// voter's vote), failed, or abandoned by openraft before an answer came.
+struct VoteOutcome<'a> {
+    peer: &'a str,
+    vote: Vote<NodeId>,
+    sent: Instant,
+    logged: bool,
+}
+
+impl<'a> VoteOutcome<'a> {
+    fn new(peer: &'a str, vote: Vote<NodeId>) -> Self {
+        VoteOutcome {
+            peer,
+            vote,
+            sent: Instant::now(),
+            logged: false,
+        }
+    }
+
+    fn done<E: fmt::Display>(&mut self, res: &Result<VoteResponse<NodeId>, E>) {
+        self.logged = true;
+        let ms = self.sent.elapsed().as_secs_f64() * 1000.0;
+        match res {
+            Ok(r) if r.vote_granted => {
+                log::info!("vote {} granted by {} in {ms:.1} ms", self.vote, self.peer)
+            }
+            Ok(r) => log::info!(
+                "vote {} refused by {} in {ms:.1} ms (its vote {})",
+                self.vote,
+                self.peer,
+                r.vote
+            ),
+            Err(e) => log::info!(
+                "vote {} to {} failed in {ms:.1} ms: {e}",
+                self.vote,
+                self.peer
+            ),
+        }
+    }
+}
+
+impl Drop for VoteOutcome<'_> {
+    fn drop(&mut self) {
+        if !self.logged {
+            log::info!(
+                "vote {} to {}: no answer within {:.1} ms, abandoned",
+                self.vote,
+                self.peer,
+                self.sent.elapsed().as_secs_f64() * 1000.0
+            );
+        }
+    }
+}
+
 impl RaftNetwork<TypeConfig> for PeerConnection {
     async fn append_entries(
         &mut self,
@@ -794,14 +856,19 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: VoteRequest<NodeId>,
         _option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcErr> {
-        match self.call(Request::Vote(rpc)).await {
+        // One line per peer and election round, so a slow failover can be read from the log.
+        // openraft drops this future after `election_timeout_min`; `VoteOutcome` logs that too.
+        let mut outcome = VoteOutcome::new(&self.name, rpc.vote);
+        let res = match self.call(Request::Vote(rpc)).await {
             Ok(Response::Vote(Ok(r))) => Ok(r),
             Ok(Response::Vote(Err(e))) => {
                 Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
             Ok(other) => Err(unexpected("Vote", &other)),
             Err(e) => Err(to_rpc_error(e)),
-        }
+        };
+        outcome.done(&res);
+        res
     }
 
     /// Never called: [`Self::full_snapshot`] is overridden and sends the
@@ -906,22 +973,55 @@ pub struct Server {
     pub lease: Duration,
 }
 
-/// When this node last accepted an AppendEntries from a legitimate leader.
+/// When this node last accepted an AppendEntries (or a snapshot) from a legitimate leader.
+///
+/// Also orders those acceptances against [`LeaderContact::unless_heard_within`]: the server
+/// hands each append and snapshot to Raft inside [`LeaderContact::accepting`], so an action run
+/// by `unless_heard_within` never overlaps one, and Raft sees anything sent by the action before
+/// any append accepted after the check (one FIFO queue feeds openraft's core).
 #[derive(Debug, Clone)]
-pub struct LeaderContact(Arc<Mutex<Instant>>);
+pub struct LeaderContact(Arc<ContactInner>);
+
+#[derive(Debug)]
+struct ContactInner {
+    last: Mutex<Instant>,
+    accepting: tokio::sync::RwLock<()>,
+}
 
 impl LeaderContact {
     /// Starts as "just now": a node that (re)starts assumes a leader may exist.
     pub fn new() -> LeaderContact {
-        LeaderContact(Arc::new(Mutex::new(Instant::now())))
+        LeaderContact(Arc::new(ContactInner {
+            last: Mutex::new(Instant::now()),
+            accepting: tokio::sync::RwLock::new(()),
+        }))
     }
     /// Records a contact now.
     pub fn touch(&self) {
-        *lock(&self.0) = Instant::now();
+        *lock(&self.0.last) = Instant::now();
     }
     /// Time since the last contact.
     pub fn age(&self) -> Duration {
-        lock(&self.0).elapsed()
+        lock(&self.0.last).elapsed()
+    }
+    /// Runs `f`, which hands a leader's message to Raft and calls [`LeaderContact::touch`] if
+    /// Raft accepted it. Any number may run at once; none while `unless_heard_within` acts.
+    pub async fn accepting<F: Future>(&self, f: F) -> F::Output {
+        let _accepting = self.0.accepting.read().await;
+        f.await
+    }
+    /// Runs `act` only if no leader's message has been accepted for `window`, with no message
+    /// being accepted meanwhile; `None` if one was accepted within `window`.
+    pub async fn unless_heard_within<F: Future>(
+        &self,
+        window: Duration,
+        act: F,
+    ) -> Option<F::Output> {
+        let _quiet = self.0.accepting.write().await;
+        if self.age() < window {
+            return None;
+        }
+        Some(act.await)
     }
 }
 
@@ -1058,13 +1158,19 @@ async fn handle_request(server: &Server, from: NodeId, req: Request, remote: &Re
     let (raft, me, gate) = (&server.raft, server.me, &server.gate);
     match req {
         Request::AppendEntries(r) => {
-            let answer = raft.append_entries(r).await;
-            // A conflict still comes from the legitimate leader; a higher vote means the
-            // sender is a deposed one, which is no leader contact.
-            if matches!(&answer, Ok(a) if !matches!(a, AppendEntriesResponse::HigherVote(_))) {
-                server.contact.touch();
-            }
-            Response::AppendEntries(answer)
+            let contact = &server.contact;
+            contact
+                .accepting(async {
+                    let answer = raft.append_entries(r).await;
+                    // A conflict still comes from the legitimate leader; a higher vote means the
+                    // sender is a deposed one, which is no leader contact.
+                    if matches!(&answer, Ok(a) if !matches!(a, AppendEntriesResponse::HigherVote(_)))
+                    {
+                        contact.touch();
+                    }
+                    Response::AppendEntries(answer)
+                })
+                .await
         }
         Request::PreVote { last_log_index } => Response::PreVote(pre_vote(server, last_log_index)),
         Request::Vote(r) if tokio::time::Instant::now() < server.no_votes_until => {
@@ -1073,10 +1179,24 @@ async fn handle_request(server: &Server, from: NodeId, req: Request, remote: &Re
         }
         Request::Vote(r) => {
             let candidate = r.vote;
+            let started = Instant::now();
             let granted =
                 |res: &Result<VoteResponse<NodeId>, _>| matches!(res, Ok(v) if v.vote_granted);
             match gate.vote(raft.vote(r), granted).await {
-                Some(answer) => Response::Vote(answer),
+                Some(answer) => {
+                    let ms = started.elapsed().as_secs_f64() * 1000.0;
+                    match &answer {
+                        Ok(v) if v.vote_granted => {
+                            log::info!("granted vote {candidate} to {remote} in {ms:.1} ms")
+                        }
+                        Ok(v) => log::info!(
+                            "refused vote {candidate} from {remote} in {ms:.1} ms (our vote {})",
+                            v.vote
+                        ),
+                        Err(e) => log::warn!("vote {candidate} from {remote}: {e}"),
+                    }
+                    Response::Vote(answer)
+                }
                 None => {
                     log::info!(
                         "refusing vote for {candidate} from {remote}: this node's VIP may be up"
@@ -1090,7 +1210,17 @@ async fn handle_request(server: &Server, from: NodeId, req: Request, remote: &Re
                 meta,
                 snapshot: Box::new(Cursor::new(data)),
             };
-            Response::FullSnapshot(raft.install_full_snapshot(vote, snapshot).await)
+            let contact = &server.contact;
+            contact
+                .accepting(async {
+                    let answer = raft.install_full_snapshot(vote, snapshot).await;
+                    // Accepted: our vote is now the sender's. Otherwise it is a deposed leader.
+                    if matches!(&answer, Ok(a) if a.vote == vote) {
+                        contact.touch();
+                    }
+                    Response::FullSnapshot(answer)
+                })
+                .await
         }
         Request::Handover { from: leader } => {
             Response::Handover(start_handover_election(raft, me, from, leader, remote).await)
