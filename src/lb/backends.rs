@@ -7,11 +7,15 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use log::{debug, warn};
-use tokio::net::{TcpSocket, TcpStream};
+use nix::errno::Errno;
+use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
 /// The backends of one load balancer and their recent failures.
@@ -71,11 +75,11 @@ impl Backends {
         let n = self.addrs.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n.max(1);
         let now = self.now_ms();
-        let (mut healthy, cooling): (Vec<usize>, Vec<usize>) = (0..n)
-            .map(|i| (start + i) % n)
-            .partition(|&i| self.cooldown_until[i].load(Ordering::Relaxed) <= now);
-        healthy.extend(cooling);
-        healthy
+        let mut order: Vec<usize> = (0..n).map(|i| (start + i) % n).collect();
+        // A stable sort keeps the round-robin order within each group; it stays a permutation
+        // even if a cooldown changes meanwhile. One allocation per client instead of three.
+        order.sort_by_key(|&i| self.cooldown_until[i].load(Ordering::Relaxed) > now);
+        order
     }
 
     /// Connects to the first backend that accepts, in [`Backends::order`].
@@ -122,13 +126,7 @@ impl Backends {
     }
 
     async fn connect_one(&self, addr: SocketAddr) -> io::Result<TcpStream> {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        socket.set_nodelay(true)?;
-        match timeout(self.connect_timeout, socket.connect(addr)).await {
+        match timeout(self.connect_timeout, connect_nodelay(addr)).await {
             Ok(r) => r,
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -141,6 +139,37 @@ impl Backends {
         // +1 so that a stored 0 always means "healthy", even in the first millisecond.
         self.epoch.elapsed().as_millis() as u64 + 1
     }
+}
+
+/// Connects to `addr` with TCP_NODELAY set. What `TcpSocket::connect` does, less its
+/// getsockopt(SO_ERROR) once the handshake is over: the readiness that ends the wait already
+/// tells a failed connect (EPOLLERR or EPOLLHUP) from a good one, so the error is fetched only
+/// for a failure. One syscall fewer on every proxied connection.
+async fn connect_nodelay(addr: SocketAddr) -> io::Result<TcpStream> {
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket::socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    socket::setsockopt(&fd, sockopt::TcpNoDelay, &true)?;
+    match socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
+        Ok(()) | Err(Errno::EINPROGRESS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(fd))?;
+    let ready = stream.ready(Interest::WRITABLE).await?;
+    if ready.is_error() || ready.is_write_closed() {
+        return Err(stream
+            .take_error()?
+            .unwrap_or_else(|| io::ErrorKind::NotConnected.into()));
+    }
+    Ok(stream)
 }
 
 #[cfg(test)]

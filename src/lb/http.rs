@@ -17,7 +17,6 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use log::{debug, warn};
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 
 use super::backends::Backends;
 use crate::shutdown::Shutdown;
@@ -37,34 +36,21 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 /// Accepts clients until `shutdown` fires, then aborts every open connection.
-pub async fn serve(listener: TcpListener, backends: Arc<Backends>, mut shutdown: Shutdown) {
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = shutdown.recv() => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => match accepted {
-                Ok((client, peer)) => {
-                    let backends = backends.clone();
-                    conns.spawn(async move {
-                        let _ = client.set_nodelay(true);
-                        let svc = hyper::service::service_fn(move |req| forward(req, peer, backends.clone()));
-                        if let Err(e) = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(client), svc)
-                            .await
-                        {
-                            debug!("http client {peer}: {e}");
-                        }
-                    });
-                }
-                Err(e) => {
-                    warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            },
+pub async fn serve(listener: TcpListener, backends: Arc<Backends>, shutdown: Shutdown) {
+    super::accept_loop(listener, shutdown, move |client, peer| {
+        let backends = backends.clone();
+        // TCP_NODELAY comes with the socket, inherited from the listener (see `lb::listen`).
+        async move {
+            let svc = hyper::service::service_fn(move |req| forward(req, peer, backends.clone()));
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(client), svc)
+                .await
+            {
+                debug!("http client {peer}: {e}");
+            }
         }
-    }
-    conns.shutdown().await;
+    })
+    .await;
 }
 
 async fn forward(

@@ -1,52 +1,57 @@
-//! The `tcp` load balancer: accept, pick a backend, copy bytes both ways.
+//! The `tcp` load balancer: accept, pick a backend, move bytes both ways.
+//!
+//! Each direction picks its path per read. A short read (under [`SMALL_READ`], the usual
+//! request or answer) goes through a buffer on the stack: recv + send, the cheapest way to move
+//! a few hundred bytes. A read that fills that buffer means more is queued, and the direction
+//! switches to splice(2) through a kernel pipe (socket → pipe → socket, never through user
+//! space) until a read comes back short again. Bulk transfers thus cost no copies in and out of
+//! the process, short connections no pipe work, and no connection holds a user-space buffer
+//! while idle. Pipes come from a small pool; without one (descriptors exhausted) bulk data
+//! stays on the stack path.
 //!
 //! Half-close is kept: when one side shuts down its write half, the other side's write half is
 //! shut down and the opposite direction keeps flowing until it ends too. Every connection task
 //! lives in the listener's `JoinSet`, so stopping the listener aborts them all: nothing outlives
 //! it, which matters when the VIP moves away and these sockets can no longer be answered.
 
+use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
-use tokio::io::copy_bidirectional_with_sizes;
+use nix::fcntl::{splice, OFlag, SpliceFFlags};
+use nix::sys::socket::{shutdown, Shutdown as How};
+use nix::unistd::{pipe2, read, write};
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
 
 use super::backends::Backends;
 use crate::shutdown::Shutdown;
 
-/// Copy buffer per direction. 64 KiB moves a full TCP window per syscall on a LAN;
-/// 8 KiB (tokio's default) costs 8× the syscalls for bulk transfers like etcd snapshots.
-pub const COPY_BUFFER: usize = 64 * 1024;
+/// Reads of up to this many bytes go through the stack; a read that fills it switches its
+/// direction to splice. Around 16 KiB two copies and two splices cost about the same; one TLS
+/// record (the unit of most API traffic) fits.
+pub const SMALL_READ: usize = 16 * 1024;
+
+/// Most bytes asked of one splice into a pipe; the kernel stops at what the pipe holds
+/// (64 KiB by default), so this only says "as much as fits".
+const SPLICE_MAX: usize = 1 << 20;
 
 /// Accepts clients until `shutdown` fires, then aborts every open connection.
-pub async fn serve(listener: TcpListener, backends: Arc<Backends>, mut shutdown: Shutdown) {
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = shutdown.recv() => break,
-            // Reap finished tasks so the set does not grow with every connection ever made.
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => match accepted {
-                Ok((client, peer)) => {
-                    conns.spawn(proxy(client, peer, backends.clone()));
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning on the error.
-                    warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            },
-        }
-    }
-    conns.shutdown().await;
+pub async fn serve(listener: TcpListener, backends: Arc<Backends>, shutdown: Shutdown) {
+    super::accept_loop(listener, shutdown, move |client, peer| {
+        proxy(client, peer, backends.clone())
+    })
+    .await;
 }
 
-async fn proxy(mut client: TcpStream, peer: SocketAddr, backends: Arc<Backends>) {
-    let _ = client.set_nodelay(true);
-    let (mut server, backend) = match backends.connect().await {
+/// Proxies one client. TCP_NODELAY is already set: accepted sockets inherit it from the
+/// listener (see `lb::listen`).
+async fn proxy(client: TcpStream, peer: SocketAddr, backends: Arc<Backends>) {
+    let (server, backend) = match backends.connect().await {
         Ok(s) => s,
         Err(e) => {
             // Closing at once tells the client to retry elsewhere; holding it open helps nobody.
@@ -55,11 +60,220 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, backends: Arc<Backends>)
         }
     };
     debug!("{peer} -> {backend}");
-    match copy_bidirectional_with_sizes(&mut client, &mut server, COPY_BUFFER, COPY_BUFFER).await {
+    // An atomic only because the future must be Send; both directions run in this one task.
+    let one_done = AtomicBool::new(false);
+    match tokio::try_join!(
+        pump(&client, &server, &one_done),
+        pump(&server, &client, &one_done)
+    ) {
         Ok((up, down)) => debug!("{peer} -> {backend} closed ({up} bytes up, {down} down)"),
         Err(e) if is_disconnect(&e) => debug!("{peer} -> {backend} reset: {e}"),
         Err(e) => warn!("{peer} -> {backend}: {e}"),
     }
+}
+
+/// Both ends of a kernel pipe that carries one direction of one connection.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+/// Empty pipes from finished connections. Making a pipe and closing it again costs three
+/// syscalls and a kernel allocation, so pipes are reused (HAProxy keeps a pool for the same
+/// reason).
+static PIPE_POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+
+/// At most this many idle pipes (two descriptors each) are kept for reuse.
+const PIPE_POOL_MAX: usize = 64;
+
+impl Pipe {
+    /// A pipe from the pool, or a new one.
+    fn get() -> io::Result<Pipe> {
+        if let Some(p) = PIPE_POOL.lock().ok().and_then(|mut pool| pool.pop()) {
+            return Ok(p);
+        }
+        let (read, write) = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        Ok(Pipe { read, write })
+    }
+
+    /// Returns a pipe to the pool. Only for a pipe known to be empty: one left holding bytes
+    /// (a direction that ended in an error) must be dropped instead, which closes it.
+    fn recycle(self) {
+        if let Ok(mut pool) = PIPE_POOL.lock() {
+            if pool.len() < PIPE_POOL_MAX {
+                pool.push(self);
+            }
+        }
+    }
+}
+
+/// What one read did: `read` bytes came from the source; `parked` of them wait in the pipe and
+/// `spill` holds any that found no room there; the rest were sent already.
+struct Read {
+    read: usize,
+    parked: usize,
+    spill: Vec<u8>,
+}
+
+/// Moves everything `src` sends to `dst` until `src` ends its side, then shuts down `dst`'s
+/// write half (the other direction is left alone). Returns the bytes moved. `one_done` is shared
+/// by the two directions of a connection: the direction that ends second skips the shutdown,
+/// since both sockets are closed right after, and a close sends the FIN just the same (the
+/// socket holds no unread data: the other direction has read it to its end).
+///
+/// Every read waits until the bytes of the previous one are all sent, so the pipe is empty
+/// whenever something reads into it: an EAGAIN from a splice into the pipe always means "the
+/// socket has nothing yet" (never "the pipe is full"), which keeps tokio's readiness honest,
+/// and a pipe left at the end is empty and can be reused.
+async fn pump(src: &TcpStream, dst: &TcpStream, one_done: &AtomicBool) -> io::Result<u64> {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let mut pipe: Option<Pipe> = None;
+    let mut bulk = false;
+    let mut total = 0u64;
+    loop {
+        let r = match (&pipe, bulk) {
+            (Some(p), true) => {
+                let n = src
+                    .async_io(Interest::READABLE, || {
+                        Ok(splice(src, None, &p.write, None, SPLICE_MAX, flags)?)
+                    })
+                    .await?;
+                Read {
+                    read: n,
+                    parked: n,
+                    spill: Vec::new(),
+                }
+            }
+            _ => {
+                src.readable().await?;
+                match relay_small(src, dst, &mut pipe) {
+                    Ok(r) => r,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        if r.read == 0 {
+            break; // EOF from src
+        }
+        total += (r.read - r.parked - r.spill.len()) as u64;
+        bulk = r.read >= SMALL_READ;
+        if bulk && pipe.is_none() {
+            pipe = Pipe::get().ok();
+        }
+        let mut left = r.parked;
+        while left > 0 {
+            let p = pipe.as_ref().ok_or(io::ErrorKind::NotFound)?;
+            let sent = dst
+                .async_io(Interest::WRITABLE, || {
+                    Ok(splice(&p.read, None, dst, None, left, flags)?)
+                })
+                .await?;
+            if sent == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            left -= sent;
+            total += sent as u64;
+        }
+        let mut rest = &r.spill[..];
+        while !rest.is_empty() {
+            dst.writable().await?;
+            match dst.try_write(rest) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(sent) => {
+                    rest = &rest[sent..];
+                    total += sent as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if let Some(p) = pipe {
+        p.recycle();
+    }
+    if one_done.swap(true, Ordering::Relaxed) {
+        return Ok(total);
+    }
+    match shutdown(dst.as_raw_fd(), How::Write) {
+        // The peer may be gone already; the other direction will see that itself.
+        Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(total),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// One read of at most [`SMALL_READ`] bytes into a buffer on the stack (so it is not kept in
+/// the connection's state), sent on at once as far as `dst` takes it. What `dst` cannot take
+/// now is parked in the (empty) pipe, made if there is none, or else returned as spill.
+fn relay_small(src: &TcpStream, dst: &TcpStream, pipe: &mut Option<Pipe>) -> io::Result<Read> {
+    SMALL_BUF.with(|buf| relay_small_in(&mut buf.borrow_mut()[..], src, dst, pipe))
+}
+
+thread_local! {
+    /// The buffer of [`relay_small`], one per thread: a fresh one on the stack would be zeroed
+    /// for every read, 16 KiB of memset for a request of a few hundred bytes.
+    static SMALL_BUF: RefCell<Box<[u8; SMALL_READ]>> = RefCell::new(Box::new([0; SMALL_READ]));
+}
+
+fn relay_small_in(
+    buf: &mut [u8],
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &mut Option<Pipe>,
+) -> io::Result<Read> {
+    let mut got = 0;
+    let n = match src.try_io(Interest::READABLE, || {
+        got = read(src, &mut *buf)?;
+        // A read that did not fill the buffer emptied the socket: saying WouldBlock here makes
+        // tokio drop the readiness (unless an event came in meanwhile), which saves the read
+        // that would only return EAGAIN. tokio's own AsyncRead does the same.
+        if got > 0 && got < SMALL_READ {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(got)
+        }
+    }) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => got,
+        other => other?,
+    };
+    if n == 0 {
+        return Ok(Read {
+            read: 0,
+            parked: 0,
+            spill: Vec::new(),
+        });
+    }
+    let sent = match dst.try_write(&buf[..n]) {
+        Ok(w) => w,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    let rest = &buf[sent..n];
+    if rest.is_empty() {
+        return Ok(Read {
+            read: n,
+            parked: 0,
+            spill: Vec::new(),
+        });
+    }
+    if pipe.is_none() {
+        *pipe = Pipe::get().ok();
+    }
+    // An empty pipe normally holds 64 KiB, more than one small read, so the write takes all of
+    // it; a pipe shrunk by the per-user pipe limit may take less, the rest is spilled.
+    let parked = match pipe {
+        Some(p) => match write(&p.write, rest) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EAGAIN) => 0,
+            Err(e) => return Err(e.into()),
+        },
+        None => 0,
+    };
+    Ok(Read {
+        read: n,
+        parked,
+        spill: rest[parked..].to_vec(),
+    })
 }
 
 fn is_disconnect(e: &io::Error) -> bool {
@@ -69,4 +283,266 @@ fn is_disconnect(e: &io::Error) -> bool {
             | io::ErrorKind::BrokenPipe
             | io::ErrorKind::ConnectionAborted
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+    use crate::config::{Backend, LbType, LoadBalancer, Port};
+    use crate::lb::RunningLb;
+
+    /// Bytes sent each way in the bulk test: far more than socket buffers and pipes hold, so
+    /// both the stack and the splice path, partial writes and waits for room all happen.
+    const BULK: usize = 8 << 20;
+
+    /// Deterministic bytes that differ per position and per stream (`seed`), so a lost,
+    /// doubled or reordered chunk shows up as a mismatch.
+    fn pattern(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Writes `data` in chunks of changing size (a few bytes up to 200 KiB) so that the proxy
+    /// sees short reads and full ones, and switches between its paths many times.
+    async fn write_varied(s: &mut (impl AsyncWriteExt + Unpin), data: &[u8]) {
+        let sizes = [1, 300, 16 * 1024 - 1, 16 * 1024, 70_000, 200 * 1024, 5];
+        let mut off = 0;
+        for &n in sizes.iter().cycle() {
+            if off == data.len() {
+                break;
+            }
+            let end = (off + n).min(data.len());
+            s.write_all(&data[off..end]).await.expect("write");
+            off = end;
+            if n == 5 {
+                // Let the proxy drain to an empty socket now and then.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+
+    /// Reads until EOF, slowly at first so the proxy's writes fill the socket and must wait.
+    async fn read_to_eof(s: &mut (impl AsyncReadExt + Unpin)) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = s.read(&mut buf).await.expect("read");
+            if n == 0 {
+                return out;
+            }
+            out.extend_from_slice(&buf[..n]);
+            if out.len() < 2 << 20 {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+        }
+    }
+
+    /// A backend listener on 127.0.0.1 with room for every client of a test at once (tokio's
+    /// `bind` queues only 128, and a SYN beyond that waits a second for its retransmit).
+    fn backend_listener() -> TcpListener {
+        let s = TcpSocket::new_v4().expect("socket");
+        s.bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+        s.listen(1024).expect("listen")
+    }
+
+    /// A free port on 127.0.0.1 (bound and released; fine for a test).
+    fn free_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    }
+
+    fn tcp_lb(port: u16, backend: SocketAddr) -> LoadBalancer {
+        LoadBalancer {
+            name: "test".into(),
+            kind: LbType::Tcp,
+            port: Port(port),
+            bind_to_vip: false,
+            backends: vec![Backend {
+                address: backend.ip(),
+                port: Port(backend.port()),
+            }],
+            connect_timeout_ms: Some(1000),
+            backend_cooldown_ms: None,
+        }
+    }
+
+    async fn start_lb(backend: SocketAddr) -> (RunningLb, SocketAddr) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let lb = RunningLb::start(&tcp_lb(addr.port(), backend), addr)
+            .await
+            .expect("start");
+        (lb, addr)
+    }
+
+    /// 8 MB each way at the same time, byte-exact, with half-close: the client shuts down its
+    /// write half after its 8 MB; the backend must see exactly that much and then EOF while it
+    /// is still sending, and only then sends a trailer and closes; the client must get all of
+    /// it and then EOF.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bulk_both_ways_with_half_close() {
+        let up = pattern(1, BULK);
+        let down = pattern(2, BULK);
+        let backend = backend_listener();
+        let backend_addr = backend.local_addr().expect("addr");
+        let (up2, down2) = (up.clone(), down.clone());
+        let server = tokio::spawn(async move {
+            let (s, _) = backend.accept().await.expect("accept");
+            let (mut r, mut w) = s.into_split();
+            let reader = tokio::spawn(async move { read_to_eof(&mut r).await });
+            write_varied(&mut w, &down2).await;
+            let got = reader.await.expect("reader");
+            assert!(
+                got == up2,
+                "upstream bytes differ ({} of {})",
+                got.len(),
+                BULK
+            );
+            // The client's EOF arrived while this side could still send: half-close kept.
+            w.write_all(b"trailer").await.expect("trailer");
+            w.shutdown().await.expect("shutdown");
+        });
+
+        let (lb, addr) = start_lb(backend_addr).await;
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (mut r, mut w) = client.into_split();
+        let reader = tokio::spawn(async move { read_to_eof(&mut r).await });
+        write_varied(&mut w, &up).await;
+        w.shutdown().await.expect("shutdown");
+        let got = tokio::time::timeout(Duration::from_secs(60), reader)
+            .await
+            .expect("downstream finishes")
+            .expect("reader");
+        server.await.expect("backend");
+        assert_eq!(got.len(), BULK + b"trailer".len());
+        assert!(got[..BULK] == down[..], "downstream bytes differ");
+        assert_eq!(&got[BULK..], b"trailer");
+        lb.stop().await;
+    }
+
+    /// Short reads towards a client that does not read yet: once the proxy's send buffer is
+    /// full its writes come up short or not at all, so the rest of a short read is parked in
+    /// the pipe and sent from there when the client makes room. Byte-exact, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn short_reads_into_a_full_socket() {
+        /// Below [`SMALL_READ`](super::SMALL_READ), so the proxy's reads are short.
+        const BURST: usize = 16_000;
+        /// Twice what a send buffer may grow to (`tcp_wmem` max, 4 MiB by default).
+        const TOTAL: usize = 8 << 20;
+        /// The client starts reading once this much is sent: the proxy's send buffer is full.
+        const READ_AFTER: usize = 6 << 20;
+        let down = pattern(4, TOTAL);
+        let backend = backend_listener();
+        let backend_addr = backend.local_addr().expect("addr");
+        let down2 = down.clone();
+        let (filled_tx, filled_rx) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = backend.accept().await.expect("accept");
+            let mut filled = Some(filled_tx);
+            for (i, burst) in down2.chunks(BURST).enumerate() {
+                s.write_all(burst).await.expect("write");
+                if i * BURST >= READ_AFTER {
+                    if let Some(tx) = filled.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            s.shutdown().await.expect("shutdown");
+        });
+        let (lb, addr) = start_lb(backend_addr).await;
+        let sock = TcpSocket::new_v4().expect("socket");
+        sock.set_recv_buffer_size(4096).expect("rcvbuf");
+        let mut client = sock.connect(addr).await.expect("connect");
+        // Not reading while the bursts pile up in the proxy's send buffer.
+        filled_rx.await.expect("backend sent");
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), client.read_to_end(&mut got))
+            .await
+            .expect("all data within 30 s")
+            .expect("read");
+        server.await.expect("backend");
+        assert_eq!(got.len(), TOTAL);
+        assert!(got == down, "bytes differ");
+        lb.stop().await;
+    }
+
+    /// Many short exchanges at once (the connection-rate case): every one gets its own answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_short_connections() {
+        let backend = backend_listener();
+        let backend_addr = backend.local_addr().expect("addr");
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = backend.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    let mut answer = b"re:".to_vec();
+                    answer.extend_from_slice(&buf[..n]);
+                    let _ = s.write_all(&answer).await;
+                });
+            }
+        });
+        let (lb, addr) = start_lb(backend_addr).await;
+        let mut clients = tokio::task::JoinSet::new();
+        for i in 0..200u32 {
+            clients.spawn(async move {
+                let mut s = TcpStream::connect(addr).await.expect("connect");
+                let msg = format!("hello {i}");
+                s.write_all(msg.as_bytes()).await.expect("write");
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).await.expect("read");
+                assert_eq!(got, format!("re:{msg}").into_bytes());
+            });
+        }
+        while let Some(r) = clients.join_next().await {
+            r.expect("client");
+        }
+        lb.stop().await;
+    }
+
+    /// Stopping closes the listener and every proxied connection, also ones in mid-transfer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stop_closes_listener_and_connections() {
+        let backend = backend_listener();
+        let backend_addr = backend.local_addr().expect("addr");
+        let held = tokio::spawn(async move {
+            // Accepts and keeps the connection open, never answering.
+            let (mut s, _) = backend.accept().await.expect("accept");
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink).await;
+        });
+        let (lb, addr) = start_lb(backend_addr).await;
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        // Enough to leave bytes in flight (and in a pipe) when the stop comes.
+        client.write_all(&pattern(3, 1 << 20)).await.expect("write");
+        tokio::time::timeout(Duration::from_secs(5), lb.stop())
+            .await
+            .expect("stop finishes");
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("client sees the close");
+        assert!(matches!(n, Ok(0) | Err(_)), "connection still open: {n:?}");
+        // The backend side was closed too.
+        tokio::time::timeout(Duration::from_secs(5), held)
+            .await
+            .expect("backend sees the close")
+            .expect("backend task");
+        assert!(TcpStream::connect(addr).await.is_err(), "still listening");
+    }
 }
