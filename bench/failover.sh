@@ -539,8 +539,10 @@ leader; keepalived: it enters BACKUP) and one holder has been stable for 0.5 s.
   child then still sends its priority-0 advert: a planned handover, seen here once).
 - *kill -9 only, VIP left to expire* (process death): the dead node keeps answering ARP for the
   VIP and refusing connects until the new leader's gratuitous ARP reaches the client; two nodes
-  hold the address until its lifetime runs out. Expected; the restart waits for it, so the
-  sampler sees the whole stretch.
+  hold the address until its lifetime runs out. The new leader's probe (\`vipProbeMs\`) sees the
+  dead node's address answer, finds that node's Raft port refusing connections (no process) and
+  takes the VIP at once instead of waiting for the expiry. Expected; the restart waits for it,
+  so the sampler sees the whole stretch.
 - Failed tries before *restored* are counted by kind: *refused+reset* (RST, or accepted and
   closed unanswered) vs *timeouts* (no answer within ${PROBE_MS} ms: the SYN went to a MAC that no longer
   has the VIP). Counts scale with the probe's pace (a refused try takes ~0.5 ms, a timeout
