@@ -238,7 +238,13 @@ impl Agent {
             return true;
         };
         let vip = settings.address;
-        match claim::check(settings, window, &self.peers).await {
+        let started = Instant::now();
+        let claim = claim::check(settings, window, &self.peers).await;
+        log::debug!(
+            "probed the link for VIP {vip} in {} ms: {claim:?}",
+            started.elapsed().as_millis()
+        );
+        match claim {
             Ok(Claim::Free) => {
                 if let Some((since, _)) = self.held.take() {
                     info!(
@@ -341,6 +347,7 @@ impl Agent {
             if !current.borrow().may_hold(Instant::now()) {
                 return Next::RetryIn(Duration::ZERO);
             }
+            let take_started = Instant::now();
             let take = VipHolder::take(settings.clone());
             let taken = match &self.gate {
                 Some(g) => g.take(as_of, take).await,
@@ -348,6 +355,10 @@ impl Agent {
             };
             match taken {
                 Ok(Ok(h)) => {
+                    log::debug!(
+                        "VIP taken in {} ms (vote gate and netlink)",
+                        take_started.elapsed().as_millis()
+                    );
                     self.holder = Some(h);
                     self.leftover = false;
                     changed = true;
