@@ -564,22 +564,7 @@ EOF
 
 # Replace our section between markers, leave every other section alone (same markers as
 # scripts/bench's sections, so both can rewrite the file independently).
-python3 - "$OUT" failover "$BODY" <<'PY'
-import re
-import sys
-
-md, name, body_path = sys.argv[1:4]
-begin, end = f"<!-- section:{name} -->", f"<!-- /section:{name} -->"
-block = f"{begin}\n{open(body_path).read().rstrip()}\n{end}"
-try:
-    text = open(md).read()
-except FileNotFoundError:
-    text = ("# Benchmarks\n\nWritten by `scripts/bench`; each section is rewritten by its own "
-            "run (`scripts/bench SECTION`), the others are left alone.\n")
-pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
-open(md, "w").write(text if text.endswith("\n") else text + "\n")
-PY
+python3 "$ROOT/bench/results.py" section "$OUT" failover "$BODY"
 
 echo
 sed -n '/^### /,/^\*\*Method/p' "$BODY" | sed '$d'
