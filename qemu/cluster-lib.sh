@@ -149,14 +149,18 @@ kvc_probe_start() {
 	# subshell, and $! would not be the probe.
 	ip netns exec "$(kv_ns_name client)" "$KV_LIB_DIR/https-probe" \
 		"https://$KVC_VIP:6443/version" "$KVC_CERTS/ca.crt" 0.1 "$1" &
+	# shellcheck disable=SC2034 # read by name in kvc_stop_job
 	KVC_PROBE_PID=$!
 }
-kvc_probe_stop() {
-	[[ -n ${KVC_PROBE_PID:-} ]] || return 0
-	kill -TERM "$KVC_PROBE_PID" 2>/dev/null || true
-	wait "$KVC_PROBE_PID" 2>/dev/null || true
-	KVC_PROBE_PID=''
+# kvc_stop_job VAR: SIGTERM the background job whose pid is in VAR, reap it, clear VAR.
+kvc_stop_job() {
+	local pid=${!1:-}
+	[[ -n $pid ]] || return 0
+	kill -TERM "$pid" 2>/dev/null || true
+	wait "$pid" 2>/dev/null || true
+	printf -v "$1" '%s' ''
 }
+kvc_probe_stop() { kvc_stop_job KVC_PROBE_PID; }
 # kvc_probe_first_ok FILE T0_MS: end time (ms since the epoch) of the first
 # successful request that started after T0_MS; empty if none.
 kvc_probe_first_ok() {
@@ -178,14 +182,10 @@ kvc_wait_probe_ok() {
 kvc_arp_start() {
 	ip netns exec "$(kv_ns_name client)" \
 		"$KV_PYTHON" "$KV_LIB_DIR/arp-sampler.py" eth0 "$KVC_CLIENT_IP" "$KVC_VIP" 0.1 "$1" &
+	# shellcheck disable=SC2034 # read by name in kvc_stop_job
 	KVC_ARP_PID=$!
 }
-kvc_arp_stop() {
-	[[ -n ${KVC_ARP_PID:-} ]] || return 0
-	kill -TERM "$KVC_ARP_PID" 2>/dev/null || true
-	wait "$KVC_ARP_PID" 2>/dev/null || true
-	KVC_ARP_PID=''
-}
+kvc_arp_stop() { kvc_stop_job KVC_ARP_PID; }
 # kvc_arp_macs FILE: the distinct MACs that answered, space separated.
 kvc_arp_macs() { awk '$1 == "reply" { print $3 }' "$1" | sort -u | tr '\n' ' ' | sed 's/ $//'; }
 # kvc_arp_summary FILE: requests, replies, who answered (VM names) and the

@@ -338,7 +338,9 @@ impl Agent {
 
     async fn lead(&mut self, as_of: Instant, current: &watch::Receiver<Leadership>) -> Next {
         let mut changed = false;
-        if let (None, Some(settings)) = (&self.holder, self.vip.clone()) {
+        // Cloned only for a take (the probe borrows `self` mutably), not on every call.
+        let to_take = self.holder.is_none().then(|| self.vip.clone()).flatten();
+        if let Some(settings) = to_take {
             if !self.vip_is_ours_to_take(&settings).await {
                 return Next::RetryIn(claim::PROBE_RETRY);
             }

@@ -1,13 +1,13 @@
 //! The `tcp` load balancer: accept, pick a backend, move bytes both ways.
 //!
 //! Each direction picks its path per read. A short read (under [`SMALL_READ`], the usual
-//! request or answer) goes through a buffer on the stack: recv + send, the cheapest way to move
+//! request or answer) goes through a per-thread buffer: recv + send, the cheapest way to move
 //! a few hundred bytes. A read that fills that buffer means more is queued, and the direction
 //! switches to splice(2) through a kernel pipe (socket → pipe → socket, never through user
 //! space) until a read comes back short again. Bulk transfers thus cost no copies in and out of
 //! the process, short connections no pipe work, and no connection holds a user-space buffer
 //! while idle. Pipes come from a small pool; without one (descriptors exhausted) bulk data
-//! stays on the stack path.
+//! stays on the buffer path.
 //!
 //! Half-close is kept: when one side shuts down its write half, the other side's write half is
 //! shut down and the opposite direction keeps flowing until it ends too. Every connection task
@@ -31,7 +31,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::backends::Backends;
 use crate::shutdown::Shutdown;
 
-/// Reads of up to this many bytes go through the stack; a read that fills it switches its
+/// Reads of up to this many bytes go through the thread's buffer; a read that fills it switches its
 /// direction to splice. Around 16 KiB two copies and two splices cost about the same; one TLS
 /// record (the unit of most API traffic) fits.
 pub const SMALL_READ: usize = 16 * 1024;
@@ -202,7 +202,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream, one_done: &AtomicBool) -> io::Re
     }
 }
 
-/// One read of at most [`SMALL_READ`] bytes into a buffer on the stack (so it is not kept in
+/// One read of at most [`SMALL_READ`] bytes into the thread's buffer (so it is not kept in
 /// the connection's state), sent on at once as far as `dst` takes it. What `dst` cannot take
 /// now is parked in the (empty) pipe, made if there is none, or else returned as spill.
 fn relay_small(src: &TcpStream, dst: &TcpStream, pipe: &mut Option<Pipe>) -> io::Result<Read> {
@@ -297,7 +297,7 @@ mod tests {
     use crate::lb::RunningLb;
 
     /// Bytes sent each way in the bulk test: far more than socket buffers and pipes hold, so
-    /// both the stack and the splice path, partial writes and waits for room all happen.
+    /// both the buffer and the splice path, partial writes and waits for room all happen.
     const BULK: usize = 8 << 20;
 
     /// Deterministic bytes that differ per position and per stream (`seed`), so a lost,

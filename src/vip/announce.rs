@@ -25,7 +25,7 @@ pub const MIN_FRAME_LEN: usize = 60;
 /// Ethernet header length.
 const ETHERNET_HEADER_LEN: usize = 14;
 /// Neighbor discovery messages must carry hop limit 255 or receivers drop them (RFC 4861 7.1.2).
-const NDISC_HOP_LIMIT: u8 = 255;
+pub(super) const NDISC_HOP_LIMIT: u8 = 255;
 
 /// One frame that announces the VIP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,13 +21,11 @@ use smoltcp::wire::{
 use tokio::io::unix::AsyncFd;
 use tokio::time::{sleep_until, Instant};
 
-use super::announce::{arp_frame, ndisc_frame, PacketSocket};
+use super::announce::{arp_frame, ndisc_frame, PacketSocket, NDISC_HOP_LIMIT};
 
 /// Probes sent per check, spread over its window, so one lost frame does not make a held VIP
 /// look free.
 pub const PROBES_PER_CHECK: u32 = 2;
-/// Neighbor discovery messages must carry hop limit 255 or receivers drop them (RFC 4861 7.1.2).
-const NDISC_HOP_LIMIT: u8 = 255;
 /// Largest frame read; longer ones are truncated, which no ARP or NDP answer is.
 const RECV_BUF: usize = 1600;
 
