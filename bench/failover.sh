@@ -252,7 +252,7 @@ recover() {
   fi
   wait_until 10 steady 0.5 || die "no stable holder after restarting n$h"
 }
-log_since_file() { tail -n +"$(($2 + 1))" "$1" | grep -q "$3"; }
+log_since_file() { tail -n +"$(($2 + 1))" "$1" | has -- "$3"; }
 
 # trial IMPL KIND N: one measured fault on whoever holds the VIP now.
 trial() {

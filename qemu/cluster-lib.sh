@@ -108,7 +108,8 @@ kvc_console_has() {
 # kvc_holds I: vmI has the VIP on eth0 (asked inside the guest over the
 # command channel: the ground truth, whatever ARP caches say).
 kvc_holds() {
-	vm_exec "vm$1" 'ip -o -4 addr show dev eth0' 10 | grep -q "inet $KVC_VIP/"
+	# Not grep -q: see wait_console.
+	vm_exec "vm$1" 'ip -o -4 addr show dev eth0' 10 | grep "inet $KVC_VIP/" >/dev/null
 }
 
 # kvc_holders: the numbers of the running VMs that hold the VIP, space

@@ -93,7 +93,7 @@ stop_node() { # stop_node I SIGNAL: signals node I and waits for it to exit
 
 log_mark() { wc -l < "$WORK/node$1.log"; } # log_mark I: a position in node I's log
 # log_since I MARK PATTERN: PATTERN appears in node I's log after MARK.
-log_since() { tail -n +"$(( $2 + 1 ))" "$WORK/node$1.log" | grep -q "$3"; }
+log_since() { tail -n +"$(( $2 + 1 ))" "$WORK/node$1.log" | has -- "$3"; }
 
 holders() { # prints the node numbers holding the VIP now, space separated
   local i out=""

@@ -69,6 +69,11 @@ has_addr() {
   grep -qw "inet6\? $3/\(32\|128\)" <<<"$out"
 }
 
+# cmd | has [GREP-OPTION...] PATTERN: cmd's output matches. Use it instead of `grep -q` in a pipe:
+# grep -q exits at its first match, the writer then dies of SIGPIPE, and under pipefail a match
+# reads as a miss (CI saw exactly that on `docker logs | grep -q`). Without -q, grep reads to EOF.
+has() { grep "$@" >/dev/null; }
+
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 
 summary() {

@@ -86,7 +86,7 @@ done
 ctr_() { ctr --address "$sock" -n "$CTR_NS" "$@"; }
 if command -v ctr >/dev/null && [ -n "$sock" ]; then
   CTR_NS=kvt-$TAG
-  ctr_imports() { ctr_ images import "$TAR" >/dev/null 2>&1 && ctr_ images ls -q | grep -qx "docker.io/$IMAGE"; }
+  ctr_imports() { ctr_ images import "$TAR" >/dev/null 2>&1 && ctr_ images ls -q | has -x "docker.io/$IMAGE"; }
   check "ctr images import of the saved tarball (containerd, as kubelet's runtime would)" ctr_imports
 else
   echo "# skip: ctr or a containerd socket missing; containerd import not tried"
@@ -112,7 +112,7 @@ no_vip() { ! node_has_vip "$1"; }
 held_elsewhere() { local h; for h in $(holders); do [ "$h" = "$1" ] || return 0; done; return 1; }
 state() { dk inspect -f "{{.State.$2}}" "$1"; }
 exit_code() { state "$1" ExitCode; }
-logged() { dk logs "$1" 2>&1 | grep -q "$2"; }
+logged() { dk logs "$1" 2>&1 | has -- "$2"; }
 # Bits 12 (CAP_NET_ADMIN) and 13 (CAP_NET_RAW), as the kernel sees the running agent.
 caps() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
 

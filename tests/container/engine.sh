@@ -114,5 +114,5 @@ rr_ok() {
 has_vip_in() {
   local pid
   pid=$(dk inspect -f '{{.State.Pid}}' "$1")
-  [ "$pid" != 0 ] && nsenter -t "$pid" -n ip -o addr show dev eth0 | grep -qw "inet $2/32"
+  [ "$pid" != 0 ] && nsenter -t "$pid" -n ip -o addr show dev eth0 | has -w "inet $2/32"
 }

@@ -33,7 +33,7 @@ has_vip() { has_vip_in "$SD" "$VIP"; }
 no_vip() { ! has_vip; }
 system_up() { case $(x systemctl is-system-running 2>/dev/null) in running | degraded) ;; *) return 1 ;; esac; }
 active() { [ "$(x systemctl is-active kube-vip 2>/dev/null)" = active ]; }
-journal_has() { x journalctl -u kube-vip --no-pager | grep -q "$1"; }
+journal_has() { x journalctl -u kube-vip --no-pager | has -- "$1"; }
 indent() { sed 's/^/#   /'; }
 
 write_config() { # EXTRA-YAML-LINES...: a config for the node at $NET.11
