@@ -13,7 +13,7 @@
 # Scenarios (each: fault at t0, a client in its own namespace connecting to VIP:6443 in a loop;
 # the figure is t0 -> end of the first answered connect after the outage, see PROBE_AWK):
 #   ours kill       kill -9 of the leader, and its VIP deleted at once (a machine death)
-#   ours kill-keep  kill -9 only: the dead process's VIP stays until its 3 s lifetime runs out
+#   ours kill-keep  kill -9 only: the dead process's VIP stays until its 1 s lifetime runs out
 #   ours term       SIGTERM to the leader (planned handover)
 #   ka kill         kill -9 of the MASTER's keepalived processes, and its VIP deleted at once
 #   ka term         SIGTERM to the MASTER's keepalived (it sends a priority-0 advert)
@@ -531,9 +531,9 @@ the signal. Each trial starts with the probe already getting answers; after it t
 is restarted and the next trial waits until it has rejoined (kube-vip: it logs the current
 leader; keepalived: it enters BACKUP) and one holder has been stable for 0.5 s.
 - *kill -9 + VIP deleted* (a machine death): the kernel of a killed kube-vip keeps the VIP up
-  to its 3 s address lifetime (keepalived's: for ever), which a dead machine would not, so the
+  to its 1 s address lifetime (keepalived's: for ever), which a dead machine would not, so the
   script deletes the VIP from the killed node's namespace right after \`kill -9\` (a few ms;
-  no successor can be elected within the 120 ms lease anyway). keepalived: its two processes
+  well inside the 80 ms lease, so before any successor can be elected). keepalived: its two processes
   and the node's stand-in server are SIGSTOPped at once, the VIP deleted, then keepalived
   SIGKILLed (a plain \`kill -9\` of the parent first hands its VRRP child a SIGTERM, and the
   child then still sends its priority-0 advert: a planned handover, seen here once).

@@ -259,7 +259,7 @@ impl Agent {
                 warn!(
                     "VIP {vip} is still answered by {} (peer {peer}), whose kube-vip is not running \
                      (its Raft port refuses connections): taking over the address it left; \
-                     its kernel drops it within {} s",
+                     its kernel drops it when its {} s lifetime runs out",
                     vip::fmt_mac(&mac),
                     vip::ADDRESS_LIFETIME_SECS
                 );

@@ -33,13 +33,16 @@ use announce::{Announcement, PacketSocket};
 pub use netlink::NetlinkError;
 use netlink::{add_address, address_of, find_address, link, remove_address, Link};
 
-/// Fallback check of the address and link when no netlink event arrives; bounds how long a
-/// removed VIP can stay missing even if events are dropped (netlink multicast may overflow).
-pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
+/// Check of the address and link even when no netlink event arrives (netlink multicast may
+/// overflow and drop one), and renewal of the address's lifetime. Four renewals fit in one
+/// [`ADDRESS_LIFETIME_SECS`], so the address survives three missed ones.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(250);
 /// Valid (and preferred) lifetime of the VIP address, renewed every [`RECONCILE_INTERVAL`]:
-/// the longest a dead holder's VIP outlives it. The kernel counts lifetimes in whole seconds
-/// and checks them about once a second, so 3 s leaves room for a late renewal.
-pub const ADDRESS_LIFETIME_SECS: u32 = 3;
+/// how long a `kill -9`ed holder's kernel keeps answering for the VIP. One second, the
+/// shortest the kernel offers (it counts in whole seconds), measured at 1.0–1.3 s: a stalled
+/// holder lost its 80 ms lease long before, so a longer lifetime would protect nothing and
+/// would only keep a corpse address on the link, answering ARP beside the new holder.
+pub const ADDRESS_LIFETIME_SECS: u32 = 1;
 /// Gap between the first and second announcement of a burst; each later gap doubles
 /// (0, 0.25, 0.75, 1.75, 3.75 s for five rounds), so a lost first frame costs 250 ms, and the
 /// later rounds are spaced past Linux's 1 s neighbour `locktime`.

@@ -199,14 +199,14 @@ single_node() {
   wait_until 5 get "$VIP:6443" || true
   check "single: restarted agent: VIP:6443 answers round-robin" rr_ok "$VIP:6443"
 
-  # A crash (SIGKILL) runs no cleanup. The agent adds the VIP with a 3 s lifetime that it keeps
+  # A crash (SIGKILL) runs no cleanup. The agent adds the VIP with a 1 s lifetime that it keeps
   # renewing, so the kernel drops a dead agent's VIP by itself.
   dk kill "$kv" >/dev/null
   dk wait "$kv" >/dev/null || true
   local t
   t=$(now_ms)
-  check "single: docker kill: the VIP left behind expires within 5 s (address lifetime)" \
-    wait_until 5 no_vip 1
+  check "single: docker kill: the VIP left behind expires within 2 s (1 s address lifetime)" \
+    wait_until 2 no_vip 1
   echo "#   expired after $(( $(now_ms) - t )) ms"
   dk start "$kv" >/dev/null
   wait_until 5 get "$VIP:6443" || true
@@ -250,7 +250,7 @@ cluster() {
   check "planned: the restarted old leader rejoins without taking the VIP" test "$(holders)" = "$new"
 
   # Unplanned: SIGKILL to the current leader's agent. Its VIP outlives it until the address
-  # lifetime (3 s) runs out; meanwhile the new leader's gratuitous ARP moves the clients.
+  # lifetime (1 s) runs out; meanwhile the new leader's gratuitous ARP moves the clients.
   old=$new
   t=$(now_ms)
   dk kill "$kv$old" >/dev/null
@@ -259,8 +259,8 @@ cluster() {
   fi
   echo "#   unplanned failover after $(( $(now_ms) - t )) ms"
   check "unplanned: VIP:6443 answers within 3 s" wait_until 3 get "$VIP:6443"
-  check "unplanned: the killed leader's namespace loses the VIP within 5 s (lifetime)" \
-    wait_until 5 no_vip "$old"
+  check "unplanned: the killed leader's namespace loses the VIP within 2 s (1 s lifetime)" \
+    wait_until 2 no_vip "$old"
   echo "#   old leader's VIP gone $(( $(now_ms) - t )) ms after the kill"
   new=$(holders)
   dk start "$kv$old" >/dev/null # kubelet's restart
