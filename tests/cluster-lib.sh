@@ -63,12 +63,7 @@ node_config() {
     echo "interface: eth0"
     echo "stateDir: $WORK/state$i"
     echo "loadBalancers:"
-    echo "- name: Kubernetes Control Plane"
-    echo "  type: tcp"
-    echo "  port: 6443"
-    echo "  bindToVip: true"
-    echo "  backends:"
-    for j in 1 2 3; do printf -- "  - port: 6444\n    address: 10.88.0.2%s\n" "$j"; done
+    lb_entry "Kubernetes Control Plane" tcp 6443 true 6444 10.88.0.21 10.88.0.22 10.88.0.23
     [ -z "${2:-}" ] || echo "$2"
     # Extra keys for every node, for experiments: NODE_EXTRA='vipProbeMs: 0' bash tests/netns/...
     [ -z "${NODE_EXTRA:-}" ] || echo "$NODE_EXTRA"

@@ -74,6 +74,16 @@ has_addr() {
 # reads as a miss (CI saw exactly that on `docker logs | grep -q`). Without -q, grep reads to EOF.
 has() { grep "$@" >/dev/null; }
 
+# lb_entry NAME TYPE PORT BIND_TO_VIP BACKEND_PORT ADDR...: one item of a `loadBalancers:` list.
+# Further keys of the entry may follow it as lines indented by two spaces.
+lb_entry() {
+  local name=$1 type=$2 port=$3 bind=$4 bport=$5 a
+  shift 5
+  printf -- '- name: %s\n  type: %s\n  port: %s\n  bindToVip: %s\n  backends:\n' \
+    "$name" "$type" "$port" "$bind"
+  for a in "$@"; do printf -- '  - {address: "%s", port: %s}\n' "$a" "$bport"; done
+}
+
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 
 summary() {

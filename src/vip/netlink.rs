@@ -43,6 +43,14 @@ pub enum NetlinkError {
     Socket(#[from] std::io::Error),
 }
 
+impl NetlinkError {
+    /// For `map_err`: the kernel failed request `op` about interface `iface`.
+    fn request(op: &'static str, iface: &str) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+        let iface = iface.to_string();
+        move |source| NetlinkError::Request { op, iface, source }
+    }
+}
+
 /// Opens a netlink connection whose I/O runs on its own task.
 pub fn connect() -> Result<Handle, NetlinkError> {
     let (conn, handle, _) = rtnetlink::new_connection()?;
@@ -65,13 +73,7 @@ pub async fn link(handle: &Handle, name: &str) -> Result<Link, NetlinkError> {
         Ok(None) | Err(rtnetlink::Error::NetlinkError(_)) => {
             return Err(NetlinkError::NoSuchInterface(name.to_string()))
         }
-        Err(source) => {
-            return Err(NetlinkError::Request {
-                op: "get link",
-                iface: name.to_string(),
-                source,
-            })
-        }
+        Err(source) => return Err(NetlinkError::request("get link", name)(source)),
     };
     link_from_message(&msg).ok_or_else(|| NetlinkError::NotEthernet(name.to_string()))
 }
@@ -103,20 +105,16 @@ pub async fn find_address(
         .set_link_index_filter(index)
         .set_address_filter(ip)
         .execute();
-    loop {
-        match stream.try_next().await {
-            Ok(Some(msg)) if address_of(&msg) == Some(ip) => return Ok(Some(msg)),
-            Ok(Some(_)) => continue,
-            Ok(None) => return Ok(None),
-            Err(source) => {
-                return Err(NetlinkError::Request {
-                    op: "list addresses",
-                    iface: iface.to_string(),
-                    source,
-                })
-            }
+    while let Some(msg) = stream
+        .try_next()
+        .await
+        .map_err(NetlinkError::request("list addresses", iface))?
+    {
+        if address_of(&msg) == Some(ip) {
+            return Ok(Some(msg));
         }
     }
+    Ok(None)
 }
 
 /// The address an address message is about (IFA_LOCAL for IPv4 point-to-point, else IFA_ADDRESS).
@@ -164,11 +162,9 @@ pub async fn add_address(
             .attributes
             .push(AddressAttribute::Flags(AddressFlags::Nodad));
     }
-    req.execute().await.map_err(|source| NetlinkError::Request {
-        op: "add address",
-        iface: iface.to_string(),
-        source,
-    })
+    req.execute()
+        .await
+        .map_err(NetlinkError::request("add address", iface))
 }
 
 /// Removes `ip` from interface `index`. Returns whether it was there.
@@ -187,11 +183,7 @@ pub async fn remove_address(
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -nix::libc::EADDRNOTAVAIL => {
             Ok(false)
         }
-        Err(source) => Err(NetlinkError::Request {
-            op: "remove address",
-            iface: iface.to_string(),
-            source,
-        }),
+        Err(source) => Err(NetlinkError::request("remove address", iface)(source)),
     }
 }
 
@@ -205,18 +197,11 @@ pub async fn neighbours_with_mac(
 ) -> Result<Vec<IpAddr>, NetlinkError> {
     let mut stream = handle.neighbours().get().execute();
     let mut found = Vec::new();
-    loop {
-        let msg = match stream.try_next().await {
-            Ok(Some(msg)) => msg,
-            Ok(None) => return Ok(found),
-            Err(source) => {
-                return Err(NetlinkError::Request {
-                    op: "list neighbours",
-                    iface: iface.to_string(),
-                    source,
-                })
-            }
-        };
+    while let Some(msg) = stream
+        .try_next()
+        .await
+        .map_err(NetlinkError::request("list neighbours", iface))?
+    {
         if msg.header.ifindex != index {
             continue;
         }
@@ -238,4 +223,5 @@ pub async fn neighbours_with_mac(
             found.push(ip);
         }
     }
+    Ok(found)
 }

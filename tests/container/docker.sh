@@ -135,13 +135,8 @@ write_config() { # MODE N: node N's config for single or cluster
       echo "singleNode: true"
     fi
     echo "loadBalancers:"
-    echo "- name: api"
-    echo "  type: tcp"
-    echo "  port: 6443"
-    echo "  bindToVip: true"
+    lb_entry api tcp 6443 true 6444 "$NET.21" "$NET.22" "$NET.23"
     echo "  connectTimeoutMs: 500"
-    echo "  backends:"
-    for j in 1 2 3; do echo "  - {address: \"$NET.2$j\", port: 6444}"; done
   } >"$WORK/$mode$i.yaml"
 }
 

@@ -43,8 +43,8 @@ write_config() { # EXTRA-YAML-LINES...: a config for the node at $NET.11
     echo "gratuitousARP: true"
     printf '%s\n' "$@"
     echo "loadBalancers:"
-    echo "- {name: api, type: tcp, port: 6443, bindToVip: true, connectTimeoutMs: 500, backends:"
-    echo "   [{address: \"$NET.21\", port: 6444}, {address: \"$NET.22\", port: 6444}, {address: \"$NET.23\", port: 6444}]}"
+    lb_entry api tcp 6443 true 6444 "$NET.21" "$NET.22" "$NET.23"
+    echo "  connectTimeoutMs: 500"
   } >"$WORK/config.yaml"
   dk cp "$WORK/config.yaml" "$SD:/etc/kube-vip/config.yaml"
 }

@@ -48,19 +48,9 @@ write_config() { # VIP BACKEND_ADDR...
     echo "gratuitousARP: true"
     echo "arpRefreshSeconds: 0"
     echo "loadBalancers:"
-    echo "- name: api"
-    echo "  type: tcp"
-    echo "  port: 6443"
-    echo "  bindToVip: true"
+    lb_entry api tcp 6443 true 6444 "$@"
     echo "  connectTimeoutMs: 500"
-    echo "  backends:"
-    for b in "$@"; do echo "  - {address: \"$b\", port: 6444}"; done
-    echo "- name: web"
-    echo "  type: http"
-    echo "  port: 8080"
-    echo "  bindToVip: false"
-    echo "  backends:"
-    for b in "$@"; do echo "  - {address: \"$b\", port: 8081}"; done
+    lb_entry web http 8080 false 8081 "$@"
   } > "$WORK/config.yaml"
 }
 
