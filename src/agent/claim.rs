@@ -23,6 +23,23 @@ use crate::vip::{self, OnLink, ProbeError, VipSettings};
 /// Pause before probing again while someone answers for the VIP: short, because every pause
 /// may add to a failover.
 pub const PROBE_RETRY: Duration = Duration::from_millis(20);
+/// How long the VIP may stay in use before the probing slows to [`PROBE_RETRY_SLOW`]. A
+/// frozen or killed holder's address expires within its lifetime (`vip::ADDRESS_LIFETIME_SECS`,
+/// gone 1.0–1.3 s after its last renewal), so this span catches every expiry at full speed.
+pub const PROBE_FAST_SPAN: Duration = Duration::from_secs(3);
+/// Pause between probes once the VIP has been in use for [`PROBE_FAST_SPAN`]: by then another
+/// host has it configured, which may last until an operator acts. Probing every 20 ms for
+/// hours would put 100 broadcasts a second on the LAN; this is 4.
+pub const PROBE_RETRY_SLOW: Duration = Duration::from_millis(500);
+
+/// Pause before the next probe, when the VIP has been in use by another host for `held_for`.
+pub fn retry_after(held_for: Duration) -> Duration {
+    if held_for < PROBE_FAST_SPAN {
+        PROBE_RETRY
+    } else {
+        PROBE_RETRY_SLOW
+    }
+}
 /// How long to wait for a peer's Raft port to answer. Only a refusal (RST) counts as "no
 /// process"; a timeout proves nothing, so it counts as alive.
 pub const LIVENESS_TIMEOUT: Duration = Duration::from_millis(100);

@@ -8,7 +8,8 @@
 //!   (in that order, so clients are never refused while the VIP is still here).
 //!
 //! Before adding the VIP the agent probes the link for anyone still answering for it
-//! ([`claim`]); while a live host does, it waits and probes again every [`claim::PROBE_RETRY`].
+//! ([`claim`]); while a live host does, it waits and probes again every [`claim::PROBE_RETRY`]
+//! (after [`claim::PROBE_FAST_SPAN`], every [`claim::PROBE_RETRY_SLOW`]).
 //!
 //! Load balancers without `bindToVip` listen on every address and run for the agent's whole life.
 //! A step that fails (interface missing, port taken) is logged and retried every
@@ -342,7 +343,10 @@ impl Agent {
         let to_take = self.holder.is_none().then(|| self.vip.clone()).flatten();
         if let Some(settings) = to_take {
             if !self.vip_is_ours_to_take(&settings).await {
-                return Next::RetryIn(claim::PROBE_RETRY);
+                let held_for = self
+                    .held
+                    .map_or(Duration::ZERO, |(since, _)| since.elapsed());
+                return Next::RetryIn(claim::retry_after(held_for));
             }
             // The probe took a while: the lease may have lapsed meanwhile (maybe with its timer
             // not run yet, if this process was stalled).

@@ -186,6 +186,18 @@ conflict_test() {
   check "$fam VIP in use by another host: the agent does not take it" bash -c "! ip -n $A -o addr show dev vip0 | grep -q ' $vip/'"
   check "$fam VIP in use: logged with the other host's MAC" \
     grep -q "VIP $vip is in use by $peer_mac (a host that is not one of our peers)" "$WORK/agent.log"
+  if [ "$fam" = IPv4 ]; then
+    # Held past the 3 s fast span: the probes slow from every 20 ms (up to 100 frames/s) to
+    # every 0.5 s (at most 4 frames/s), so a lasting conflict does not flood the LAN. tcpdump
+    # takes a second or so to start capturing: count what a 4 s run sees.
+    sleep 2
+    timeout 4 ip netns exec "$P" tcpdump -i eth0 -U -n -w "$WORK/slow.pcap" \
+      "arp and ether src $AGENT_MAC" 2>/dev/null || true
+    local n
+    n=$(tshark -r "$WORK/slow.pcap" -Y "arp.src.proto_ipv4 == 0.0.0.0 && arp.dst.proto_ipv4 == $vip" 2>/dev/null | wc -l)
+    check "$fam VIP in use for over 3 s: still probing, at most 4 frames a second (saw $n in under 4 s)" \
+      test "$n" -ge 2 -a "$n" -le 16
+  fi
   nsx "$P" ip addr del "$vip/$plen" dev eth0
   check "$fam VIP released by the other host: the agent takes it within 1 s" wait_until 1 has_addr "$A" vip0 "$vip"
   check "$fam VIP free again: logged" grep -q "VIP $vip is free after" "$WORK/agent.log"
