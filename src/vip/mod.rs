@@ -34,8 +34,8 @@ pub use netlink::NetlinkError;
 use netlink::{add_address, address_of, find_address, link, remove_address, Link};
 
 /// Check of the address and link even when no netlink event arrives (netlink multicast may
-/// overflow and drop one), and renewal of the address's lifetime. Four renewals fit in one
-/// [`ADDRESS_LIFETIME_SECS`], so the address survives three missed ones.
+/// overflow and drop one), and renewal of the address's lifetime. The kernel deletes the
+/// address about 980 ms after a renewal, so it outlives two missed ones (a stall of ~700 ms).
 pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(250);
 /// Valid (and preferred) lifetime of the VIP address, renewed every [`RECONCILE_INTERVAL`]:
 /// how long a `kill -9`ed holder's kernel keeps answering for the VIP. One second, the
