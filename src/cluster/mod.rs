@@ -99,6 +99,11 @@
 //!   as well. A candidate therefore does not use openraft's timer: if its
 //!   election is undecided after a timeout drawn afresh for each term, it
 //!   stands again ([`guard_elections`]).
+//! * For the same reason the first candidacy after a leader goes silent does
+//!   not wait for openraft's timer (lease + that fixed timeout, up to
+//!   `election_timeout_max` after a quorum would already vote): the nodes
+//!   that may stand take turns by node id, `election_timeout_min` apart
+//!   ([`guard_elections`]).
 //! * A node refuses every vote for `election_timeout_max` after it starts, and
 //!   while its VIP may be up ([`gate`]).
 
@@ -246,11 +251,23 @@ fn random_between(min: Duration, max: Duration) -> Duration {
 /// [`network::LeaderContact::unless_heard_within`] (no append or snapshot accepted for
 /// `lease`, and none accepted until the election command is queued, ahead of any later one),
 /// and only if the metrics still show it a candidate in the same term.
+///
+/// The first candidacy after a leader goes silent is not left to openraft's timer either: it
+/// fires lease + that fixed timeout after the last heartbeat, up to `timeout_max` after a
+/// quorum would already vote. When elections are switched on, the nodes that may stand (all
+/// but the silent leader) take turns by node id, `timeout_min` apart (40 ms by default, well
+/// over a vote round trip with its fsync): the first stands at once, the next only if no leader
+/// has appeared by then. Both survivors switch on within a pre-vote round (one heartbeat
+/// interval, shorter than `timeout_min`) of each other, so their turns do not collide. The same checks
+/// as for a restart apply (a follower still, no vote granted since the leader was last heard,
+/// no leader's append accepted for a lease); openraft's own timer stays on as the fallback.
+#[allow(clippy::too_many_arguments)]
 async fn guard_elections(
     raft: Raft,
     gate: Arc<VoteGate>,
     mut would_win: watch::Receiver<bool>,
     contact: network::LeaderContact,
+    members: Vec<NodeId>,
     lease: Duration,
     timeout_min: Duration,
     timeout_max: Duration,
@@ -260,6 +277,8 @@ async fn guard_elections(
     let mut quorum_would_vote = false;
     // The term this node stands in, since when, and when to stand again (None: done that).
     let mut standing: Option<(u64, Instant, Option<Instant>)> = None;
+    // When this follower takes its turn to stand first, and its place in the order.
+    let mut first_stand: Option<(Instant, usize)> = None;
     loop {
         let candidate_term = {
             let m = metrics.borrow_and_update();
@@ -268,6 +287,14 @@ async fn guard_elections(
         let want = *would_win.borrow_and_update();
         if want != quorum_would_vote {
             quorum_would_vote = want;
+            first_stand = None;
+            if want {
+                let m = metrics.borrow();
+                if m.state == ServerState::Follower {
+                    let turn = first_stand_turn(&members, m.id, m.current_leader);
+                    first_stand = Some((Instant::now() + timeout_min * turn as u32, turn));
+                }
+            }
             if want {
                 log::info!(
                     "no leader heard for {} ms and a quorum would vote: elections enabled",
@@ -296,6 +323,43 @@ async fn guard_elections(
         tokio::select! {
             changed = metrics.changed() => if changed.is_err() { return },
             changed = would_win.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep_until(first_stand.map_or_else(Instant::now, |f| f.0).into()),
+                if first_stand.is_some() && standing.is_none() =>
+            {
+                let turn = first_stand.take().map_or(0, |f| f.1);
+                let silent_for = contact.age();
+                let since = Instant::now().checked_sub(silent_for).unwrap_or_else(Instant::now);
+                let still = || {
+                    let m = raft.metrics();
+                    let m = m.borrow();
+                    m.state == ServerState::Follower
+                };
+                // As for a restart below: no vote granted since the leader went silent (someone
+                // else stands already), no leader heard for a lease, checked and done atomically.
+                let stood = gate
+                    .unless_granted_since(
+                        since.into(),
+                        contact.unless_heard_within(lease, async {
+                            if still() {
+                                Some(raft.trigger().elect().await)
+                            } else {
+                                None
+                            }
+                        }),
+                    )
+                    .await
+                    .flatten()
+                    .flatten();
+                match stood {
+                    Some(Ok(())) => log::info!(
+                        "no leader heard for {} ms: standing (turn {turn})",
+                        silent_for.as_millis()
+                    ),
+                    Some(Err(e)) => log::warn!("cannot start an election: {e}"),
+                    // A vote or a leader came first; openraft's timer remains the fallback.
+                    None => {}
+                }
+            }
             _ = tokio::time::sleep_until(restart_at.unwrap_or_else(Instant::now).into()),
                 if restart_at.is_some() =>
             {
@@ -340,6 +404,15 @@ async fn guard_elections(
             }
         }
     }
+}
+
+/// This node's turn to stand first: its place, by node id, among the members other than the
+/// last known leader.
+fn first_stand_turn(members: &[NodeId], me: NodeId, last_leader: Option<NodeId>) -> usize {
+    members
+        .iter()
+        .filter(|&&id| id < me && Some(id) != last_leader)
+        .count()
 }
 
 /// Errors of the cluster module.
@@ -576,6 +649,7 @@ impl Cluster {
             gate.clone(),
             would_win,
             contact,
+            peers.keys().copied().collect(),
             lease,
             Duration::from_millis(s.election_timeout_min_ms),
             Duration::from_millis(s.election_timeout_max_ms),
@@ -778,6 +852,23 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_stand_turns_skip_the_silent_leader_and_never_tie() {
+        let members = [30, 10, 20];
+        // Leader 10 went silent: 20 stands first, 30 one stagger later.
+        assert_eq!(first_stand_turn(&members, 20, Some(10)), 0);
+        assert_eq!(first_stand_turn(&members, 30, Some(10)), 1);
+        // Leader 30 went silent: 10, then 20.
+        assert_eq!(first_stand_turn(&members, 10, Some(30)), 0);
+        assert_eq!(first_stand_turn(&members, 20, Some(30)), 1);
+        // No leader known (all restarted): by id among all.
+        let turns: Vec<usize> = [10, 20, 30]
+            .iter()
+            .map(|&me| first_stand_turn(&members, me, None))
+            .collect();
+        assert_eq!(turns, [0, 1, 2]);
+    }
 
     #[test]
     fn random_between_stays_in_range_and_varies() {
