@@ -329,27 +329,11 @@ async fn guard_elections(
                 let turn = first_stand.take().map_or(0, |f| f.1);
                 let silent_for = contact.age();
                 let since = Instant::now().checked_sub(silent_for).unwrap_or_else(Instant::now);
-                let still = || {
-                    let m = raft.metrics();
-                    let m = m.borrow();
+                // No vote granted since the leader went silent (someone else stands already).
+                let stood = stand_if(&raft, &gate, &contact, lease, since, |m| {
                     m.state == ServerState::Follower
-                };
-                // As for a restart below: no vote granted since the leader went silent (someone
-                // else stands already), no leader heard for a lease, checked and done atomically.
-                let stood = gate
-                    .unless_granted_since(
-                        since.into(),
-                        contact.unless_heard_within(lease, async {
-                            if still() {
-                                Some(raft.trigger().elect().await)
-                            } else {
-                                None
-                            }
-                        }),
-                    )
-                    .await
-                    .flatten()
-                    .flatten();
+                })
+                .await;
                 match stood {
                     Some(Ok(())) => log::info!(
                         "no leader heard for {} ms: standing (turn {turn})",
@@ -371,25 +355,10 @@ async fn guard_elections(
                     // vote granted since (a grant restarts openraft's timer, and standing now
                     // would depose the winner), no leader's append accepted for a lease (our own
                     // vote must respect the lease a heartbeat we acknowledged gave its leader).
-                    let still = || {
-                        let m = raft.metrics();
-                        let m = m.borrow();
+                    let stood = stand_if(&raft, &gate, &contact, lease, since, |m| {
                         m.state == ServerState::Candidate && m.current_term == term
-                    };
-                    let stood = gate
-                        .unless_granted_since(
-                            since.into(),
-                            contact.unless_heard_within(lease, async {
-                                if still() {
-                                    Some(raft.trigger().elect().await)
-                                } else {
-                                    None
-                                }
-                            }),
-                        )
-                        .await
-                        .flatten()
-                        .flatten();
+                    })
+                    .await;
                     *at = None;
                     match stood {
                         Some(Ok(())) => log::info!(
@@ -404,6 +373,33 @@ async fn guard_elections(
             }
         }
     }
+}
+
+/// Starts an election (`trigger().elect()`) if `still` holds for the current metrics, no vote
+/// was granted to another node at or after `since`, and no leader's append or snapshot was
+/// accepted for `lease`; all checked and done with no grant and no append in between. `None`:
+/// not done.
+async fn stand_if(
+    raft: &Raft,
+    gate: &VoteGate,
+    contact: &network::LeaderContact,
+    lease: Duration,
+    since: Instant,
+    still: impl Fn(&Metrics) -> bool,
+) -> Option<Result<(), openraft::error::Fatal<NodeId>>> {
+    gate.unless_granted_since(
+        since.into(),
+        contact.unless_heard_within(lease, async {
+            if still(&raft.metrics().borrow()) {
+                Some(raft.trigger().elect().await)
+            } else {
+                None
+            }
+        }),
+    )
+    .await
+    .flatten()
+    .flatten()
 }
 
 /// This node's turn to stand first: its place, by node id, among the members other than the
