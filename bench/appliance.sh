@@ -206,24 +206,6 @@ echo
 cat "$body"
 
 # Rewrite only our section: between our markers, or (first run) appended.
-"$KV_PYTHON" - "$OUT" "$body" <<'PY'
-import os, re, sys
-md, body_path = sys.argv[1], sys.argv[2]
-begin, end = "<!-- section:appliance -->", "<!-- /section:appliance -->"
-block = "%s\n%s\n%s" % (begin, open(body_path).read().rstrip("\n"), end)
-try:
-    text = open(md).read()
-except FileNotFoundError:
-    text = "# Benchmarks\n"
-pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-if pattern.search(text):
-    text = pattern.sub(lambda _: block, text)
-else:
-    text = text.rstrip("\n") + "\n\n" + block + "\n"
-tmp = md + ".tmp.%d" % os.getpid()
-with open(tmp, "w") as f:
-    f.write(text if text.endswith("\n") else text + "\n")
-os.replace(tmp, md)
-PY
+"$KV_PYTHON" "$here/results.py" section "$OUT" appliance "$body"
 echo
 echo "section \"appliance\" written to $OUT"

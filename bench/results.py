@@ -8,6 +8,7 @@
   results.py section MD NAME BODY  replace section NAME of MD with file BODY (append if absent)
 """
 import json
+import os
 import re
 import statistics
 import sys
@@ -158,8 +159,11 @@ def section(md, name, body_path):
         text = pattern.sub(lambda _: block, text)
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    with open(md, "w") as f:
+    # Written beside it and renamed over it: an interrupted run never leaves half a file.
+    tmp = f"{md}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
         f.write(text if text.endswith("\n") else text + "\n")
+    os.replace(tmp, md)
 
 
 if __name__ == "__main__":

@@ -60,19 +60,13 @@ wait_until() {
   done
 }
 
-# has_addr NS IFACE IP: the address is on the interface.
-# (Output captured first: `ip | grep -q` under pipefail fails when grep exits at its first match
-# and ip dies of SIGPIPE, which reads as "address missing".)
-has_addr() {
-  local out
-  out=$(ip -n "$1" -o addr show dev "$2") || return 1
-  grep -qw "inet6\? $3/\(32\|128\)" <<<"$out"
-}
-
 # cmd | has [GREP-OPTION...] PATTERN: cmd's output matches. Use it instead of `grep -q` in a pipe:
 # grep -q exits at its first match, the writer then dies of SIGPIPE, and under pipefail a match
 # reads as a miss (CI saw exactly that on `docker logs | grep -q`). Without -q, grep reads to EOF.
 has() { grep "$@" >/dev/null; }
+
+# has_addr NS IFACE IP: the address is on the interface.
+has_addr() { ip -n "$1" -o addr show dev "$2" | has -w "inet6\? $3/\(32\|128\)"; }
 
 # lb_entry NAME TYPE PORT BIND_TO_VIP BACKEND_PORT ADDR...: one item of a `loadBalancers:` list.
 # Further keys of the entry may follow it as lines indented by two spaces.

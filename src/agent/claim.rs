@@ -31,6 +31,9 @@ pub const PROBE_FAST_SPAN: Duration = Duration::from_secs(3);
 /// host has it configured, which may last until an operator acts. Probing every 20 ms for
 /// hours would put 100 broadcasts a second on the LAN; this is 4.
 pub const PROBE_RETRY_SLOW: Duration = Duration::from_millis(500);
+/// How long to wait for a peer's Raft port to answer. Only a refusal (RST) counts as "no
+/// process"; a timeout proves nothing, so it counts as alive.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Pause before the next probe, when the VIP has been in use by another host for `held_for`.
 pub fn retry_after(held_for: Duration) -> Duration {
@@ -40,9 +43,6 @@ pub fn retry_after(held_for: Duration) -> Duration {
         PROBE_RETRY_SLOW
     }
 }
-/// How long to wait for a peer's Raft port to answer. Only a refusal (RST) counts as "no
-/// process"; a timeout proves nothing, so it counts as alive.
-pub const LIVENESS_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// What the agent may do about the VIP, from what the link said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -47,6 +47,17 @@ enum Next {
     RetryIn(Duration),
 }
 
+impl Next {
+    /// `Settled` if a step left everything in place, else another try after [`RETRY_INTERVAL`].
+    fn settled_if(done: bool) -> Next {
+        if done {
+            Next::Settled
+        } else {
+            Next::RetryIn(RETRY_INTERVAL)
+        }
+    }
+}
+
 /// What this node may do with the VIP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -226,11 +237,7 @@ impl Agent {
                 released
             }
         };
-        if done {
-            Next::Settled
-        } else {
-            Next::RetryIn(RETRY_INTERVAL)
-        }
+        Next::settled_if(done)
     }
 
     /// Probes the link before a take; returns whether the VIP may be taken now.
@@ -406,11 +413,7 @@ impl Agent {
                 self.vip_lbs.len()
             );
         }
-        if all {
-            Next::Settled
-        } else {
-            Next::RetryIn(RETRY_INTERVAL)
-        }
+        Next::settled_if(all)
     }
 }
 

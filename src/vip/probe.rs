@@ -81,7 +81,7 @@ pub async fn probe(ifindex: u32, mac: [u8; 6], vip: IpAddr, window: Duration) ->
                 loop {
                     match guard.try_io(|s| s.get_ref().recv(&mut buf)) {
                         Ok(Ok(n)) => {
-                            if let Some(holder) = answer_for(&buf[..n.min(RECV_BUF)], mac, vip) {
+                            if let Some(holder) = answer_for(&buf[..n], mac, vip) {
                                 return Ok(Probe::InUse { mac: holder });
                             }
                         }
