@@ -72,6 +72,7 @@ TIMERS=$'heartbeatMs: 20\nelectionTimeoutMinMs: 40\nelectionTimeoutMaxMs: 120'
 KA_PRIO=(unused 150 100 50)
 
 # "f" keeps our namespaces apart from the tests' ("t") and scripts/bench's ("b").
+DEPS_GROUP=bench # `need` accepts what scripts/deps bench installs
 TAG=f$$
 # shellcheck source=tests/lib.sh
 source "$(dirname "$0")/../tests/lib.sh"
@@ -100,11 +101,7 @@ trap fo_cleanup EXIT
 
 if [ "$MODE" = quick ]; then OUT=${BENCH_OUT:-$WORK/BENCHMARKS.md}; else OUT=${BENCH_OUT:-$ROOT/BENCHMARKS.md}; fi
 
-if ! command -v keepalived >/dev/null; then
-  log "installing keepalived"
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends keepalived >/dev/null
-fi
+need keepalived iptables ip python3 # scripts/deps bench installs them
 
 # ------------------------------------------------------------------ quiet machine
 # Two cores shared with other work: CPU contention stretches every timer measured here.

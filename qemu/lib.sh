@@ -83,8 +83,14 @@ kv_now() { date +%s.%3N; }
 # kv_since T0: seconds elapsed since T0 (as printed by kv_now), 2 decimals.
 kv_since() { awk -v a="$1" -v b="$(kv_now)" 'BEGIN { printf "%.2f", b - a }'; }
 
-# kv_init: check we can work, install missing tools, make the work directory
-# and trap kv_cleanup on every way out.
+# need CMD...: CMD is declared in scripts/deps (group test) and installed; dies
+# naming what is missing otherwise (scripts/deps test installs it).
+need() {
+	"$KV_REPO/scripts/deps" need test "$@" || kv_die "missing tools (above): run scripts/deps test"
+}
+
+# kv_init: check we can work and have the tools, make the work directory and
+# trap kv_cleanup on every way out (and report the step that killed a script).
 kv_init() {
 	[[ $(id -u) == 0 ]] || kv_die "must run as root (network namespaces, taps)"
 	# Debian's kubectl as unpacked by scripts/deps comes first: another
@@ -92,11 +98,13 @@ kv_init() {
 	if [[ -x /usr/local/lib/kube-vip-tools/bin/kubectl && :$PATH: != *:/usr/local/lib/kube-vip-tools/bin:* ]]; then
 		PATH=/usr/local/lib/kube-vip-tools/bin:$PATH
 	fi
-	"$KV_REPO/image/ensure-packages" \
-		qemu-system-x86_64:qemu-system-x86 ip:iproute2 curl:curl openssl:openssl \
-		python3:python3 kubectl:kubernetes-client mke2fs:e2fsprogs ping:iputils-ping
+	need qemu-system-x86_64 ip curl openssl python3 kubectl mke2fs ping cpio
 	KV_PYTHON=${KV_PYTHON:-$(command -v /usr/bin/python3 || command -v python3)}
 	KV_WORKDIR=$(mktemp -d "/tmp/kube-vip-qemu.$KV_RUN_ID.XXXXXX")
+	# A script that dies under set -e says where (the ERR trap, inherited by
+	# functions with set -E), before kv_cleanup tears everything down.
+	set -E
+	trap 'kv_on_err $? $LINENO "$BASH_COMMAND"' ERR
 	trap kv_cleanup EXIT
 	# Let EXIT do the work, with the conventional status for the signal.
 	trap 'exit 130' INT
@@ -104,11 +112,22 @@ kv_init() {
 	kv_log "work directory $KV_WORKDIR (run id $KV_RUN_ID)"
 }
 
+# kv_on_err STATUS LINE COMMAND: the ERR trap; logs the first failing command
+# of the script's own shell (not of a $(...) whose failure the caller sees).
+KV_DIED=''
+kv_on_err() {
+	[[ $BASH_SUBSHELL == 0 && -z $KV_DIED ]] || return 0
+	local i where=''
+	for ((i = 1; i < ${#FUNCNAME[@]} - 1; i++)); do where+="${where:+ < }${FUNCNAME[$i]}"; done
+	KV_DIED="${BASH_SOURCE[1]##*/}:$2${where:+ (in $where)}: \`$3\` exited $1"
+	kv_log "died at $KV_DIED"
+}
+
 # kv_cleanup: kill VMs and everything running in our namespaces, delete the
 # namespaces. Keeps the work directory (logs) when the script failed.
 kv_cleanup() {
 	local rc=$? vm pid ns
-	trap - EXIT INT TERM
+	trap - EXIT INT TERM ERR
 	set +e
 	# Forget our background jobs, so bash does not report each one killed
 	# below as "Terminated".

@@ -7,7 +7,8 @@
 # ExecStartPre before the VIP is touched.
 #
 # Needs a Debian rootfs with systemd: made once with mmdebstrap from the Debian mirror and kept
-# in /var/cache/kube-vip-tools (about 25 s and 200 MB). KV_TEST_NET as in docker.sh.
+# in /var/cache/kube-vip-tools, checked before every use (cached_rootfs in tests/lib.sh; about
+# 1-2 min and 200 MB the first time). KV_TEST_NET as in docker.sh.
 # shellcheck source=tests/container/lib.sh
 source "$(dirname "$0")/lib.sh"
 # shellcheck source=tests/container/engine.sh
@@ -50,15 +51,8 @@ write_config() { # EXTRA-YAML-LINES...: a config for the node at $NET.11
 }
 
 # ---------- a systemd machine ----------
-if [ ! -s "$ROOTFS" ]; then
-  command -v mmdebstrap >/dev/null ||
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null
-  echo "# making $ROOTFS with mmdebstrap (once)"
-  mkdir -p "$(dirname "$ROOTFS")"
-  mmdebstrap --quiet --variant=minbase --include=systemd,systemd-sysv,dbus,iproute2 \
-    bookworm "$ROOTFS.tmp"
-  mv "$ROOTFS.tmp" "$ROOTFS"
-fi
+need mmdebstrap docker dockerd nsenter curl busybox
+cached_rootfs "$ROOTFS" --variant=minbase --include=systemd,systemd-sysv,dbus,iproute2
 engine_up
 IMAGES_MADE+=("$SD_IMAGE")
 dk import -c 'CMD ["/sbin/init"]' "$ROOTFS" "$SD_IMAGE" >/dev/null
