@@ -106,19 +106,30 @@ kvc_console_has() {
 }
 
 # kvc_holds I: vmI has the VIP on eth0 (asked inside the guest over the
-# command channel: the ground truth, whatever ARP caches say).
+# command channel: the ground truth, whatever ARP caches say). Status 0: it
+# holds it; 1: it does not; 2: unknown (the guest did not answer in time; a
+# busy or stuck guest may well hold the VIP, so this is never "not holding").
 kvc_holds() {
+	local out rc=0
+	out=$(vm_exec "vm$1" 'ip -o -4 addr show dev eth0' 10 2>&1) || rc=$?
+	if [[ $rc != 0 ]]; then
+		kv_log "vm$1: cannot tell whether it holds the VIP (vm_exec status $rc: ${out##*$'\n'})"
+		return 2
+	fi
 	# Not grep -q: see wait_console.
-	vm_exec "vm$1" 'ip -o -4 addr show dev eth0' 10 | grep "inet $KVC_VIP/" >/dev/null
+	grep "inet $KVC_VIP/" >/dev/null <<<"$out"
 }
 
 # kvc_holders: the numbers of the running VMs that hold the VIP, space
-# separated.
+# separated; a VM that could not be asked shows as "?I", so a check for
+# exactly one holder (^[123]$) fails rather than miss a second holder.
 kvc_holders() {
-	local i out=''
+	local i out='' rc
 	for i in 1 2 3; do
 		kv_vm_alive "vm$i" || continue
-		kvc_holds "$i" && out+="$i "
+		rc=0
+		kvc_holds "$i" || rc=$?
+		case $rc in 0) out+="$i " ;; 2) out+="?$i " ;; esac
 	done
 	echo "${out% }"
 }

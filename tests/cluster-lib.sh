@@ -100,13 +100,20 @@ one_holder() { local h; h=$(holders); [ -n "$h" ] && [ "${h// /}" = "$h" ]; }
 holder_is() { [ "$(holders)" = "$1" ]; }
 holder_is_not() { local h; h=$(holders); one_holder && [ "$h" != "$1" ]; }
 
+declare -A SAMPLER_T0=() SAMPLED_MS=()
 start_sampler() { # start_sampler NAME: samples VIP holders every 10 ms into $WORK/NAME.samples
   python3 "$SUPPORT/vip_sampler.py" "$VIP" 10 "$WORK/$1.samples" "$N1" "$N2" "$N3" > "$WORK/$1.summary" &
   SAMPLER=$!
+  SAMPLER_T0[$1]=$(now_ms)
 }
-stop_sampler() { kill -TERM "$SAMPLER"; wait "$SAMPLER" || true; cat "$WORK/$1.summary"; }
-# never_two NAME: no sample of run NAME saw two holders.
-never_two() { grep -q 'max_holders=[01] ' "$WORK/$1.summary"; }
+stop_sampler() {
+  kill -TERM "$SAMPLER"; wait "$SAMPLER" || true
+  SAMPLED_MS[$1]=$(( $(now_ms) - ${SAMPLER_T0[$1]} ))
+  cat "$WORK/$1.summary"
+}
+# never_two NAME: the sampler of run NAME sampled all along (enough_samples), and no sample saw
+# two holders (they show as "a,b").
+never_two() { enough_samples "$1" "${SAMPLED_MS[$1]}" && awk 'index($2, ",") {bad = 1} END {exit bad}' "$WORK/$1.samples"; }
 # holders_seen NAME: the distinct holder sets in order, e.g. "n1 - n2".
 holders_seen() {
   awk '{print $2}' "$WORK/$1.samples" | sed "s/$TAG-//g" | uniq | tr '\n' ' '

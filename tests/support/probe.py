@@ -3,7 +3,9 @@
 
 Each try: connect (timeout TIMEOUT_MS), send a byte, half-close, read the answer.
 Out file lines: "<epoch ms at start of try> <ok|fail> <ms taken> <answer or error>".
-Usage: probe.py ADDRESS PORT TIMEOUT_MS GAP_MS DURATION_S OUT_FILE
+Usage: probe.py ADDRESS PORT TIMEOUT_MS GAP_MS DURATION_S OUT_FILE [http]
+With "http" the byte sent is an HTTP/1.0 request line instead (for HTTP backends that close a
+connection without answering anything else).
 """
 import signal
 import socket
@@ -17,6 +19,7 @@ def main() -> None:
     gap = int(sys.argv[4]) / 1000
     deadline = time.monotonic() + float(sys.argv[5])
     out = open(sys.argv[6], "w", buffering=1)
+    payload = b"GET / HTTP/1.0\r\n\r\n" if sys.argv[7:] == ["http"] else b"x"
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     while not stop and time.monotonic() < deadline:
@@ -24,7 +27,7 @@ def main() -> None:
         m0 = time.monotonic()
         try:
             with socket.create_connection((addr, port), timeout=timeout) as s:
-                s.sendall(b"x")
+                s.sendall(payload)
                 s.shutdown(socket.SHUT_WR)
                 data = s.recv(256)
             res = ("ok", data.decode(errors="replace").split(" ")[0]) if data else ("fail", "closed")

@@ -6,6 +6,9 @@ sample is one RTM_GETADDR dump per namespace: no process forks, ~0.1 ms a sample
 Usage: vip_sampler.py ADDRESS INTERVAL_MS OUT_FILE NETNS...
 OUT_FILE gets one line per sample: "<ms since start> <holder,holder|->".
 On exit prints "samples=N max_holders=M double_samples=K" on stdout.
+A lost output file or namespace (the test's work dir or namespaces removed under it, e.g. by
+the cleanup of a test that died) is reported in one line on stderr, exit status 2, never a
+traceback; then the summary is not printed, so a check reading it fails.
 """
 import ctypes
 import ipaddress
@@ -64,12 +67,54 @@ def holds(s: socket.socket, want: bytes, family: int, seq: int) -> bool:
             off += (length + 3) & ~3
 
 
+class Lost(Exception):
+    """Something the sampler needs went away; the message says what."""
+
+
+def open_out(path: str):
+    try:
+        return open(path, "w", buffering=1)
+    except OSError as e:
+        raise Lost(f"cannot write {path}: {e.strerror}") from None
+
+
+def open_sockets(names: list) -> list:
+    socks = []
+    for n in names:
+        try:
+            socks.append(socket_in(n))
+        except OSError as e:
+            raise Lost(f"cannot open a netlink socket in namespace {n}: {e.strerror or e}") from None
+    return socks
+
+
+def check_out(out, path: str) -> None:
+    """The output file must still have a name: a test that removed it is gone or broken."""
+    try:
+        gone = os.fstat(out.fileno()).st_nlink == 0
+    except OSError:
+        gone = True
+    if gone:
+        raise Lost(f"output file {path} was removed while sampling (the test's work dir is gone)")
+
+
 def main() -> None:
+    if len(sys.argv) < 5:
+        sys.exit(__doc__)
+    try:
+        run()
+    except Lost as e:
+        print(f"vip_sampler: {e}; stopping", file=sys.stderr)
+        sys.exit(2)
+
+
+def run() -> None:
     addr = ipaddress.ip_address(sys.argv[1])
     interval = int(sys.argv[2]) / 1000
-    out = open(sys.argv[3], "w", buffering=1)
+    path = sys.argv[3]
+    out = open_out(path)
     names = sys.argv[4:]
-    socks = [socket_in(n) for n in names]
+    socks = open_sockets(names)
     family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
     want = addr.packed
     stop = []
@@ -81,10 +126,18 @@ def main() -> None:
     next_t = start
     while not stop:
         seq += 1
-        holders = [n for n, s in zip(names, socks) if holds(s, want, family, seq)]
+        try:
+            holders = [n for n, s in zip(names, socks) if holds(s, want, family, seq)]
+        except OSError as e:
+            raise Lost(f"netlink dump failed: {e.strerror or e}") from None
         t = (time.monotonic() - start) * 1000
-        out.write(f"{t:.1f} {','.join(holders) or '-'}\n")
+        try:
+            out.write(f"{t:.1f} {','.join(holders) or '-'}\n")
+        except OSError as e:
+            raise Lost(f"cannot write {path}: {e.strerror}") from None
         samples += 1
+        if samples % 50 == 0:
+            check_out(out, path)
         max_holders = max(max_holders, len(holders))
         doubles += len(holders) > 1
         next_t += interval
