@@ -28,6 +28,7 @@
 source "$(dirname "$0")/lib.sh"
 # shellcheck source=tests/container/engine.sh
 source "$CT/engine.sh"
+need docker dockerd ctr nsenter curl python3 busybox kubernetes-validate
 
 T0=$(now_ms)
 MODES=${KV_MODES:-single bootstrap cluster}
@@ -113,6 +114,9 @@ held_elsewhere() { local h; for h in $(holders); do [ "$h" = "$1" ] || return 0;
 state() { dk inspect -f "{{.State.$2}}" "$1"; }
 exit_code() { state "$1" ExitCode; }
 logged() { dk logs "$1" 2>&1 | has -- "$2"; }
+# logged_since NAME UNIX_TS PATTERN: the container logged PATTERN since UNIX_TS (a restarted
+# container's `docker logs` holds every earlier run too).
+logged_since() { dk logs --since "$2" "$1" 2>&1 | has -- "$3"; }
 # Bits 12 (CAP_NET_ADMIN) and 13 (CAP_NET_RAW), as the kernel sees the running agent.
 caps() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
 
@@ -228,20 +232,45 @@ cluster() {
   wait_until 5 get "$VIP:6443" || true
   check "cluster: VIP:6443 answers from the host, round-robin" rr_ok "$VIP:6443"
 
-  # Planned handover: SIGTERM to the leader's agent.
+  # Planned handover: SIGTERM to the leader's agent. A handover, not a quick failover: the old
+  # leader says it hands over, the new one that it was asked to stand, nobody that it failed,
+  # the VIP is off the old leader's namespace the moment the agent is gone (checked first: its
+  # 1 s lifetime would remove it anyway a moment later), and the client's gap stays short.
+  local since gap probe=$WORK/planned.probe
+  since=$(date +%s.%N)
+  python3 "$SUPPORT/probe.py" "$VIP" 6443 100 0 20 "$probe" http &
+  local probe_pid=$!
+  sleep 0.5
   t=$(now_ms)
   stop_agent "$kv$leader"
+  local vip_left=no
+  node_has_vip "$leader" && vip_left=yes
+  local looked=$(( $(now_ms) - t ))
+  check "planned: old leader's namespace has no VIP right after its agent exited ($looked ms after docker stop began)" \
+    test "$vip_left" = no
   check "planned: old leader's agent exits 0" test "$(exit_code "$kv$leader")" = 0
-  check "planned: old leader's namespace has no VIP" no_vip "$leader"
   if wait_until 3 held_elsewhere "$leader"; then ok "planned: another node holds the VIP within 3 s"; else
-    not_ok "planned: another node holds the VIP within 3 s"; return 0
+    not_ok "planned: another node holds the VIP within 3 s"; kill "$probe_pid"; return 0
   fi
   new=$(holders)
   echo "#   new leader: node$new, $(( $(now_ms) - t )) ms after docker stop began"
   check "planned: exactly one holder" one_holder
   check "planned: VIP:6443 answers again within 3 s" wait_until 3 get "$VIP:6443"
+  sleep 0.3
+  kill -TERM "$probe_pid"; wait "$probe_pid" || true
+  gap=$(probe_gap "$probe" "$t")
+  echo "#   planned: longest client gap ${gap} ms ($(awk -v t="$t" '$1 > t && $2 == "fail"' "$probe" | wc -l) failed tries, 100 ms timeout)"
+  check "planned: the old leader logged 'handing leadership over'" logged_since "$kv$leader" "$since" 'handing leadership over to'
+  check "planned: the new leader (node$new) logged 'handover requested by leader'" \
+    logged_since "$kv$new" "$since" 'handover requested by leader'
+  no_failed_handover() { local i; for i in $(seq "$NODES"); do ! logged_since "$kv$i" "$since" 'refused or failed\|handover: ' || return 1; done; }
+  check "planned: no agent logged a failed or refused handover" no_failed_handover
+  check "planned: the client's longest gap is under 500 ms (${gap} ms; a failover waits out a lease)" test "$gap" -lt 500
+  since=$(date +%s.%N)
   dk start "$kv$leader" >/dev/null # rejoins as a follower, with its Raft state from the volume
-  sleep 2
+  check "planned: the restarted old leader follows node$new (its log since the restart)" \
+    wait_until 10 logged_since "$kv$leader" "$since" "The Node \[$NET.1$new:10000\] is leading"
+  sleep 1
   check "planned: the restarted old leader rejoins without taking the VIP" test "$(holders)" = "$new"
 
   # Unplanned: SIGKILL to the current leader's agent. Its VIP outlives it until the address
@@ -258,8 +287,11 @@ cluster() {
     wait_until 2 no_vip "$old"
   echo "#   old leader's VIP gone $(( $(now_ms) - t )) ms after the kill"
   new=$(holders)
+  since=$(date +%s.%N)
   dk start "$kv$old" >/dev/null # kubelet's restart
-  sleep 2
+  check "unplanned: the restarted agent follows node$new (its log since the restart)" \
+    wait_until 10 logged_since "$kv$old" "$since" "The Node \[$NET.1$new:10000\] is leading"
+  sleep 1
   check "unplanned: the restarted agent rejoins; the VIP stays on node$new only" test "$(holders)" = "$new"
   check "unplanned: VIP:6443 still answers round-robin" rr_ok "$VIP:6443"
 
