@@ -45,7 +45,8 @@ cleanup() { # (no `exit` here: the script keeps the status it was ending with)
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
   done
   for ns in "${NAMESPACES[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
-  [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"
+  # --one-file-system: never into something a test mounted under $WORK (a /dev bind, say).
+  [ -n "${KEEP_WORK:-}" ] || rm -rf --one-file-system "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM

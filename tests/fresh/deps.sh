@@ -7,11 +7,17 @@
 #      must lack the test tools at first, `scripts/deps test` and then `scripts/deps bench`
 #      leave every declared command of the group present and working (scripts/deps verify);
 #      a second run installs nothing.
-# The tree is a private copy under $WORK, entered with chroot in a mount namespace of its own
-# (its /proc, /dev and cache mounts vanish with it). Downloaded .debs and pip wheels are kept in
-# /var/cache/kube-vip-tools/fresh-{apt,pip} so later runs only unpack (the Debian mirror is
-# still asked for its package lists). The Rust toolchain is a stated prerequisite, not installed
+# The whole suite runs in a mount and PID namespace of its own: the tree is a tmpfs there,
+# entered with chroot, with /proc, /dev and the caches mounted into it. The suite's shell is
+# PID 1 there, so when it ends, however it ends, the kernel kills whatever still runs in the
+# tree and the mounts vanish with the namespace (unshare passes a SIGTERM on). Downloaded .debs and pip wheels are kept in
+# /var/cache/kube-vip-tools/fresh-{apt,pip,lists} so later runs only unpack (apt-get update
+# still asks the mirror, which answers "not modified"). The Rust toolchain is a stated prerequisite, not installed
 # by scripts/deps (DEPS_SKIP_RUST=1 here).
+if [ -z "${KV_FRESH_NS:-}" ]; then
+  exec unshare --mount --propagation private --pid --fork --kill-child=TERM \
+    env KV_FRESH_NS=1 TAG="f$$" bash "$0" "$@"
+fi
 LIB_NO_BINARY=1 source "$(dirname "$0")/../lib.sh"
 need mmdebstrap
 
@@ -19,6 +25,7 @@ CACHE=/var/cache/kube-vip-tools
 TREE=$CACHE/bookworm-minbase.tar
 APT_CACHE=$CACHE/fresh-apt
 PIP_CACHE=$CACHE/fresh-pip
+LISTS=$CACHE/fresh-lists # apt's package lists: apt-get update then only asks what changed
 T0=$(now_ms)
 
 # ---------- 1. every need is declared ----------
@@ -49,7 +56,19 @@ check "every \`need\` in the suites, benches and demo is declared in scripts/dep
 # ---------- 2. scripts/deps in a clean Debian 12 ----------
 cached_rootfs "$TREE" --variant=minbase
 root=$WORK/root
-mkdir -p "$root" "$APT_CACHE/partial" "$PIP_CACHE"
+mkdir -p "$root" "$APT_CACHE/partial" "$PIP_CACHE" "$LISTS/partial"
+# Unmount before lib.sh's cleanup removes $WORK: $root/dev is the real /dev.
+# (Lazily: what still runs in the tree is killed by the kernel once this shell, PID 1 of the
+# namespace, is gone.)
+fresh_cleanup() {
+  local pid
+  exec 2>/dev/null # bash reports the job killed here; that is expected
+  for pid in $(jobs -p); do kill -9 "$pid" 2>/dev/null || true; done
+  umount -R -l "$root" 2>/dev/null || true
+  cleanup
+}
+trap fresh_cleanup EXIT
+mount -t tmpfs -o size=4g,mode=0755 kv-fresh "$root"
 t=$(now_ms)
 tar -xf "$TREE" -C "$root"
 echo "#   tree unpacked in $(( $(now_ms) - t )) ms"
@@ -70,25 +89,24 @@ chmod 0755 "$root/usr/sbin/policy-rc.d"
 # A throwaway tree: dpkg need not fsync every file.
 echo force-unsafe-io >"$root/etc/dpkg/dpkg.cfg.d/kv-unsafe-io"
 mkdir -p "$root/root/.cache/pip"
+mount -t proc proc "$root/proc"
+mount --rbind /dev "$root/dev"
+mount --bind "$APT_CACHE" "$root/var/cache/apt/archives"
+mount --bind "$PIP_CACHE" "$root/root/.cache/pip"
+mount --bind "$LISTS" "$root/var/lib/apt/lists"
 
 # in_tree CMD...: CMD inside the tree as root, with a clean environment.
 in_tree() {
-  unshare --mount --fork --kill-child bash -c '
-    set -e
-    r=$1; shift
-    mount -t proc proc "$r/proc"
-    mount --rbind /dev "$r/dev"
-    mount --bind "'"$APT_CACHE"'" "$r/var/cache/apt/archives"
-    mount --bind "'"$PIP_CACHE"'" "$r/root/.cache/pip"
-    exec chroot "$r" /usr/bin/env -i HOME=/root LANG=C.UTF-8 DEPS_SKIP_RUST=1 \
-      PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@"
-  ' in_tree "$root" "$@"
+  chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 DEPS_SKIP_RUST=1 \
+    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@"
 }
 # step LOG CMD...: CMD in the tree, output to $WORK/LOG (its tail shown when it fails).
 step() {
   local log=$WORK/$1 rc=0
   shift
-  in_tree "$@" >"$log" 2>&1 || rc=$?
+  # In the background: `wait` lets a SIGTERM's trap run at once, not after apt-get is done.
+  in_tree "$@" >"$log" 2>&1 &
+  wait $! || rc=$?
   [ "$rc" = 0 ] || sed 's/^/#   | /' "$log" | tail -n 25
   return "$rc"
 }
