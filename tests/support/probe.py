@@ -18,7 +18,11 @@ def main() -> None:
     timeout = int(sys.argv[3]) / 1000
     gap = int(sys.argv[4]) / 1000
     deadline = time.monotonic() + float(sys.argv[5])
-    out = open(sys.argv[6], "w", buffering=1)
+    try:
+        out = open(sys.argv[6], "w", buffering=1)
+    except OSError as e:
+        # The test's work dir is gone (a test that died and cleaned up): say so, no traceback.
+        sys.exit(f"probe: cannot write {sys.argv[6]}: {e.strerror}")
     payload = b"GET / HTTP/1.0\r\n\r\n" if sys.argv[7:] == ["http"] else b"x"
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
