@@ -118,7 +118,9 @@ KV_DIED=''
 kv_on_err() {
 	[[ $BASH_SUBSHELL == 0 && -z $KV_DIED ]] || return 0
 	local i where=''
-	for ((i = 1; i < ${#FUNCNAME[@]} - 1; i++)); do where+="${where:+ < }${FUNCNAME[$i]}"; done
+	for ((i = 1; i < ${#FUNCNAME[@]} - 1; i++)); do
+		where+="${where:+; }${FUNCNAME[$i]}, called at ${BASH_SOURCE[$((i + 1))]##*/}:${BASH_LINENO[$i]}"
+	done
 	KV_DIED="${BASH_SOURCE[1]##*/}:$2${where:+ (in $where)}: \`$3\` exited $1"
 	kv_log "died at $KV_DIED"
 }

@@ -23,7 +23,10 @@ on_err() {
   # Only the script's own shell: a failing command inside $(...) is reported by the line that
   # used it, once.
   [ "$BASH_SUBSHELL" = 0 ] && [ -z "$DIED" ] || return 0
-  for ((i = 1; i < ${#FUNCNAME[@]} - 1; i++)); do where+="${where:+ < }${FUNCNAME[$i]}"; done
+  # Each function it was in, with the line that called it: "(in nsx, called at cluster.sh:117)".
+  for ((i = 1; i < ${#FUNCNAME[@]} - 1; i++)); do
+    where+="${where:+; }${FUNCNAME[$i]}, called at $(basename "${BASH_SOURCE[$((i + 1))]}"):${BASH_LINENO[$i]}"
+  done
   DIED="$(basename "${BASH_SOURCE[1]:-$0}"):$line${where:+ (in $where)}: \`$cmd\` exited $rc"
   echo "# suite died at $DIED"
 }
