@@ -55,6 +55,12 @@ check "every \`need\` in the suites, benches and demo is declared in scripts/dep
 
 # ---------- 2. scripts/deps in a clean Debian 12 ----------
 cached_rootfs "$TREE" --variant=minbase
+# One such check at a time on this machine: they share the download caches, and apt in one
+# tree would find the other's lock on them.
+exec 7>"$CACHE/fresh.lock"
+t=$(now_ms)
+flock 7
+[ $(( $(now_ms) - t )) -lt 1000 ] || echo "#   waited $(( ($(now_ms) - t) / 1000 )) s for another fresh-machine check"
 root=$WORK/root
 mkdir -p "$root" "$APT_CACHE/partial" "$PIP_CACHE" "$LISTS/partial"
 # Unmount before lib.sh's cleanup removes $WORK: $root/dev is the real /dev.
