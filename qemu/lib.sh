@@ -116,7 +116,7 @@ kv_init() {
 # of the script's own shell (not of a $(...) whose failure the caller sees).
 KV_DIED=''
 kv_on_err() {
-	[[ $BASH_SUBSHELL == 0 && -z $KV_DIED ]] || return 0
+	[[ $BASH_SUBSHELL == 0 && -z $KV_DIED && $- == *e* ]] || return 0
 	local i where=''
 	for ((i = 1; i < ${#FUNCNAME[@]} - 1; i++)); do
 		where+="${where:+; }${FUNCNAME[$i]}, called at ${BASH_SOURCE[$((i + 1))]##*/}:${BASH_LINENO[$i]}"

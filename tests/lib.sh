@@ -20,9 +20,10 @@ DIED=
 set -E
 on_err() {
   local rc=$1 line=$2 cmd=$3 i where=""
-  # Only the script's own shell: a failing command inside $(...) is reported by the line that
-  # used it, once.
-  [ "$BASH_SUBSHELL" = 0 ] && [ -z "$DIED" ] || return 0
+  # Only the script's own shell (a failing command inside $(...) is reported by the line that
+  # used it), once, and only under set -e (cleanup code runs with set +e, where a failing
+  # command is expected and ends nothing).
+  [ "$BASH_SUBSHELL" = 0 ] && [ -z "$DIED" ] && [[ $- == *e* ]] || return 0
   # Each function it was in, with the line that called it: "(in nsx, called at cluster.sh:117)".
   for ((i = 1; i < ${#FUNCNAME[@]} - 1; i++)); do
     where+="${where:+; }${FUNCNAME[$i]}, called at $(basename "${BASH_SOURCE[$((i + 1))]}"):${BASH_LINENO[$i]}"
