@@ -107,7 +107,9 @@
 //! * A node refuses every vote for `election_timeout_max` after it starts, and
 //!   while its VIP may be up ([`gate`]).
 
+pub mod bounds;
 pub mod gate;
+pub mod lograte;
 pub mod network;
 pub mod store;
 pub mod types;
@@ -613,6 +615,7 @@ impl Cluster {
         )
         .await
         .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        network.set_metrics(raft.metrics());
 
         let contact = network::LeaderContact::new();
         let lease = Duration::from_millis(s.election_timeout_max_ms);
@@ -626,6 +629,8 @@ impl Cluster {
                 gate: gate.clone(),
                 contact: contact.clone(),
                 lease,
+                refusal_log: Default::default(),
+                limit_log: Default::default(),
             }),
         ));
         // Elections stay off until a quorum would grant a pre-vote (see `probe_pre_votes`).

@@ -26,11 +26,11 @@
 //! socket is owned by the task and not by the future, a cancelled RPC never
 //! leaves half a frame on the wire, and its late answer is simply dropped.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, Cursor};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::{Future, FutureExt};
@@ -49,11 +49,13 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::{self, AbortHandle, JoinHandle, JoinSet};
 
+use super::bounds::{self, Ours, OutOfBounds};
 use super::gate::VoteGate;
-use super::types::{Node, NodeId, PeerInfo, Raft, TypeConfig};
+use super::lograte::{self, LogRate};
+use super::types::{Metrics, Node, NodeId, PeerInfo, Raft, TypeConfig};
 
 /// Largest accepted frame payload, in bytes.
 ///
@@ -97,6 +99,21 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// How often the per-peer task checks whether outstanding requests exceed [`RPC_TIMEOUT`].
 const LIVENESS_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Most inbound Raft connections open at once; a new one beyond is closed at once.
+///
+/// A peer keeps two (one per hedging lane), so a cluster of any sensible size needs a few
+/// dozen; unidentified connections last at most [`HANDSHAKE_TIMEOUT`].
+pub const MAX_CONNS: usize = 128;
+
+/// Most inbound Raft connections from one source address; a new one beyond closes the oldest.
+///
+/// A peer keeps two, and a few more for a moment while a reconnect overlaps the close of the
+/// old ones.
+pub const MAX_CONNS_PER_SOURCE: usize = 8;
+
+/// Limit for writing one frame to a peer; a peer that stops reading is dropped.
+pub const WRITE_TIMEOUT: Duration = RPC_TIMEOUT;
 
 /// Pause after a failed `accept()` (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -183,9 +200,10 @@ pub enum FrameError {
     /// The length prefix exceeds [`MAX_FRAME_LENGTH`].
     #[error("frame length {0} exceeds MAX_FRAME_LENGTH ({MAX_FRAME_LENGTH})")]
     TooLarge(u64),
-    /// The payload is not a valid message.
+    /// The payload is not a valid message; the decoder's complaint, clipped to
+    /// [`MAX_LOGGED_CHARS`] (serde quotes what it could not match, e.g. a 4 MiB variant name).
     #[error("undecodable frame: {0}")]
-    Decode(#[source] serde_json::Error),
+    Decode(String),
     /// Socket error.
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -194,7 +212,7 @@ pub enum FrameError {
 /// Encodes `msg` as one frame (length prefix + JSON).
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let mut buf = vec![0u8; 4];
-    serde_json::to_writer(&mut buf, msg).map_err(FrameError::Decode)?;
+    serde_json::to_writer(&mut buf, msg).map_err(|e| FrameError::Decode(clip(&e.to_string())))?;
     let len = buf.len() - 4;
     if len > MAX_FRAME_LENGTH {
         return Err(FrameError::TooLarge(len as u64));
@@ -248,11 +266,52 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
     })?;
     serde_json::from_slice(&payload)
         .map(Some)
-        .map_err(FrameError::Decode)
+        .map_err(|e| FrameError::Decode(clip(&e.to_string())))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Longest text from a peer (or about a peer's frame) that goes into one log line.
+pub const MAX_LOGGED_CHARS: usize = 200;
+
+/// `text` cut to [`MAX_LOGGED_CHARS`] characters, saying how long it was: anything a peer
+/// controls is clipped before it reaches a log line, so one garbage frame cannot write megabytes.
+pub fn clip(text: &str) -> String {
+    match text.char_indices().nth(MAX_LOGGED_CHARS) {
+        None => text.to_string(),
+        Some((cut, _)) => format!("{}… ({} bytes in all)", &text[..cut], text.len()),
+    }
+}
+
+impl Request {
+    /// The message type, for log lines (never the content: it may be megabytes).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "Hello",
+            Request::AppendEntries(_) => "AppendEntries",
+            Request::Vote(_) => "Vote",
+            Request::FullSnapshot { .. } => "FullSnapshot",
+            Request::Handover { .. } => "Handover",
+            Request::PreVote { .. } => "PreVote",
+        }
+    }
+}
+
+impl Response {
+    /// The message type, for log lines (never the content: it may be megabytes).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Response::HelloAck { .. } => "HelloAck",
+            Response::AppendEntries(_) => "AppendEntries",
+            Response::Vote(_) => "Vote",
+            Response::FullSnapshot(_) => "FullSnapshot",
+            Response::Handover(_) => "Handover",
+            Response::PreVote(_) => "PreVote",
+            Response::Error(_) => "Error",
+        }
+    }
 }
 
 /// All configured peers (local node included), by node id.
@@ -431,8 +490,8 @@ async fn connect(
                 "handshake: address answers as node {node:#x}, expected {target:#x}"
             ))
         }
-        Some(Response::Error(e)) => return Err(format!("handshake refused: {e}")),
-        Some(other) => return Err(format!("handshake: unexpected answer {other:?}")),
+        Some(Response::Error(e)) => return Err(format!("handshake refused: {}", clip(&e))),
+        Some(other) => return Err(format!("handshake: unexpected answer {}", other.kind())),
         None => return Err("handshake: connection closed".into()),
     }
     let pending: PendingMap = Arc::default();
@@ -588,6 +647,17 @@ struct NetInner {
     /// Sleep after an `Unreachable` error before openraft retries that peer.
     backoff: Duration,
     clients: Mutex<HashMap<NodeId, HedgedClient>>,
+    /// Our Raft's metrics, once it runs: the reference point for checking answers ([`bounds`]).
+    metrics: OursSource,
+}
+
+/// Where answers find this node's current term and last log index (set once Raft runs).
+type OursSource = Arc<OnceLock<watch::Receiver<Metrics>>>;
+
+fn ours(src: &OursSource) -> Ours {
+    src.get()
+        .map(|rx| Ours::of(&rx.borrow()))
+        .unwrap_or_default()
 }
 
 /// openraft network factory; also sends our own [`Request::Handover`].
@@ -608,8 +678,14 @@ impl Network {
                 peers,
                 backoff,
                 clients: Mutex::default(),
+                metrics: OursSource::default(),
             }),
         }
+    }
+
+    /// Hands over our Raft's metrics once it runs: answers are checked against them.
+    pub fn set_metrics(&self, metrics: watch::Receiver<Metrics>) {
+        let _ = self.inner.metrics.set(metrics);
     }
 
     /// The shared client for `target`, if it is a configured peer.
@@ -650,8 +726,8 @@ impl Network {
         match tokio::time::timeout(limit, client.call(req)).await {
             Err(_) => Err(format!("no answer within {limit:?}")),
             Ok(Err(e)) => Err(e.to_string()),
-            Ok(Ok(Response::Handover(r))) => r,
-            Ok(Ok(other)) => Err(format!("unexpected answer {other:?}")),
+            Ok(Ok(Response::Handover(r))) => r.map_err(|e| clip(&e)),
+            Ok(Ok(other)) => Err(format!("unexpected answer {}", other.kind())),
         }
     }
 
@@ -693,6 +769,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                 .unwrap_or_else(|| format!("{target:#x}")),
             client: self.client(target),
             backoff: self.inner.backoff,
+            ours: self.inner.metrics.clone(),
         }
     }
 }
@@ -753,6 +830,8 @@ pub struct PeerConnection {
     /// `None` if the membership names a node that is not in our configuration.
     client: Option<HedgedClient>,
     backoff: Duration,
+    /// Reference point for checking answers.
+    ours: OursSource,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, Node, RaftError<NodeId, E>>;
@@ -769,6 +848,21 @@ impl PeerConnection {
     }
 }
 
+impl PeerConnection {
+    /// Checks an answer's terms and log ids against [`bounds`] (a forged or broken peer must
+    /// not hand openraft a term it would overflow on); logs and describes a violation.
+    fn check_answer(
+        &self,
+        kind: &str,
+        check: impl FnOnce(Ours) -> Result<(), OutOfBounds>,
+    ) -> Result<(), io::Error> {
+        check(ours(&self.ours)).map_err(|e| {
+            log::warn!("ignoring {kind} answer from {}: {e}", self.name);
+            io::Error::other(format!("{kind} answer refused: {e}"))
+        })
+    }
+}
+
 fn to_rpc_error<E: std::error::Error>(e: CallError) -> RpcErr<E> {
     match e {
         CallError::Unreachable(_) => RPCError::Unreachable(Unreachable::new(&e)),
@@ -777,7 +871,7 @@ fn to_rpc_error<E: std::error::Error>(e: CallError) -> RpcErr<E> {
 }
 
 fn unexpected<E: std::error::Error>(what: &str, got: &Response) -> RpcErr<E> {
-    let e = io::Error::other(format!("expected {what} answer, got {got:?}"));
+    let e = io::Error::other(format!("expected {what} answer, got {}", got.kind()));
     RPCError::Network(NetworkError::new(&e))
 }
 
@@ -814,9 +908,10 @@ impl<'a> VoteOutcome<'a> {
                 r.vote
             ),
             Err(e) => log::info!(
-                "vote {} to {} failed in {ms:.1} ms: {e}",
+                "vote {} to {} failed in {ms:.1} ms: {}",
                 self.vote,
-                self.peer
+                self.peer,
+                clip(&e.to_string())
             ),
         }
     }
@@ -842,7 +937,15 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
         match self.call(Request::AppendEntries(rpc)).await {
-            Ok(Response::AppendEntries(Ok(r))) => Ok(r),
+            Ok(Response::AppendEntries(Ok(r))) => {
+                self.check_answer("AppendEntries", |o| match &r {
+                    AppendEntriesResponse::PartialSuccess(l) => o.log_id("matched log id", l),
+                    AppendEntriesResponse::HigherVote(v) => o.vote("higher vote", v),
+                    AppendEntriesResponse::Success | AppendEntriesResponse::Conflict => Ok(()),
+                })
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+                Ok(r)
+            }
             Ok(Response::AppendEntries(Err(e))) => {
                 Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
@@ -860,7 +963,13 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         // openraft drops this future after `election_timeout_min`; `VoteOutcome` logs that too.
         let mut outcome = VoteOutcome::new(&self.name, rpc.vote);
         let res = match self.call(Request::Vote(rpc)).await {
-            Ok(Response::Vote(Ok(r))) => Ok(r),
+            Ok(Response::Vote(Ok(r))) => self
+                .check_answer("Vote", |o| {
+                    o.vote("voter's vote", &r.vote)?;
+                    o.log_id("voter's last log id", &r.last_log_id)
+                })
+                .map(|()| r)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e))),
             Ok(Response::Vote(Err(e))) => {
                 Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
@@ -899,12 +1008,19 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
             closed = cancel.fuse() => return Err(StreamingError::Closed(closed)),
         };
         match res {
-            Ok(Response::FullSnapshot(Ok(r))) => Ok(r),
+            Ok(Response::FullSnapshot(Ok(r))) => {
+                self.check_answer("FullSnapshot", |o| o.vote("receiver's vote", &r.vote))
+                    .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+                Ok(r)
+            }
             Ok(Response::FullSnapshot(Err(e))) => Err(StreamingError::RemoteError(
                 RemoteError::new(self.target, e),
             )),
             Ok(other) => {
-                let e = io::Error::other(format!("expected FullSnapshot answer, got {other:?}"));
+                let e = io::Error::other(format!(
+                    "expected FullSnapshot answer, got {}",
+                    other.kind()
+                ));
                 Err(StreamingError::Network(NetworkError::new(&e)))
             }
             Err(e @ CallError::Unreachable(_)) => {
@@ -936,22 +1052,80 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
 /// `JoinSet` then aborts every connection task too).
 ///
 /// Vote requests are refused until `no_votes_until`: see [`refuse_vote`].
+/// Connection limits: at most [`MAX_CONNS`] in all (a new one beyond is closed at once) and
+/// [`MAX_CONNS_PER_SOURCE`] per source address (a new one beyond closes the oldest from that
+/// address, so a peer reconnecting is never locked out by its own half-dead connections, and
+/// one source cannot take more than its share).
 pub async fn serve(listener: TcpListener, server: Arc<Server>) {
     let mut conns = JoinSet::new();
+    let mut by_source: HashMap<IpAddr, VecDeque<AbortHandle>> = HashMap::new();
+    let mut source_of: HashMap<task::Id, IpAddr> = HashMap::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((sock, addr)) => {
-                    conns.spawn(serve_conn(sock, addr, server.clone()));
+                    let ip = addr.ip().to_canonical();
+                    if conns.len() >= MAX_CONNS {
+                        if let Some(held) = server.limit_log.allow() {
+                            log::warn!(
+                                "closing raft connection from {addr}: {MAX_CONNS} connections open{}",
+                                lograte::suppressed(held)
+                            );
+                        }
+                        continue;
+                    }
+                    let open = by_source.entry(ip).or_default();
+                    if open.len() >= MAX_CONNS_PER_SOURCE {
+                        if let Some(oldest) = open.pop_front() {
+                            oldest.abort();
+                        }
+                        if let Some(held) = server.limit_log.allow() {
+                            log::warn!(
+                                "{ip} has {MAX_CONNS_PER_SOURCE} raft connections open: closing its oldest{}",
+                                lograte::suppressed(held)
+                            );
+                        }
+                    }
+                    let handle = conns.spawn(serve_conn(sock, addr, server.clone()));
+                    source_of.insert(handle.id(), ip);
+                    open.push_back(handle);
                 }
                 Err(e) => {
                     log::warn!("accept on raft listener failed: {e}");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                 }
             },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            Some(done) = conns.join_next_with_id(), if !conns.is_empty() => {
+                let id = match done {
+                    Ok((id, ())) => id,
+                    Err(e) => e.id(),
+                };
+                if let Some(ip) = source_of.remove(&id) {
+                    if let Some(open) = by_source.get_mut(&ip) {
+                        open.retain(|h| h.id() != id);
+                        if open.is_empty() {
+                            by_source.remove(&ip);
+                        }
+                    }
+                }
+            }
         }
     }
+}
+
+/// Writes one frame within [`WRITE_TIMEOUT`]: a peer that stops reading is dropped, not waited for.
+async fn write_within<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    msg: &T,
+) -> Result<(), FrameError> {
+    tokio::time::timeout(WRITE_TIMEOUT, write_frame(w, msg))
+        .await
+        .map_err(|_| {
+            FrameError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("peer did not take a frame within {WRITE_TIMEOUT:?}"),
+            ))
+        })?
 }
 
 /// What the listening side needs to answer requests; one per node, shared by connections.
@@ -971,6 +1145,10 @@ pub struct Server {
     /// openraft's follower lease (`election_timeout_max`): how long an accepted append
     /// makes this node deny pre-votes.
     pub lease: Duration,
+    /// Rate limit for lines about refused connections and bad frames.
+    pub refusal_log: LogRate,
+    /// Rate limit for lines about connection limits.
+    pub limit_log: LogRate,
 }
 
 /// When this node last accepted an AppendEntries (or a snapshot) from a legitimate leader.
@@ -1058,13 +1236,21 @@ async fn serve_conn(sock: TcpStream, addr: SocketAddr, server: Arc<Server>) {
         tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame::<_, Frame<Request>>(&mut rd)).await;
     let (id, from) = match hello {
         Err(_) => {
-            log::warn!(
-                "closing raft connection from {remote}: no hello within {HANDSHAKE_TIMEOUT:?}"
-            );
+            if let Some(held) = server.refusal_log.allow() {
+                log::warn!(
+                    "closing raft connection from {remote}: no hello within {HANDSHAKE_TIMEOUT:?}{}",
+                    lograte::suppressed(held)
+                );
+            }
             return;
         }
         Ok(Err(e)) => {
-            log::warn!("closing raft connection from {remote}: {e}");
+            if let Some(held) = server.refusal_log.allow() {
+                log::warn!(
+                    "closing raft connection from {remote}: {e}{}",
+                    lograte::suppressed(held)
+                );
+            }
             return;
         }
         Ok(Ok(None)) => return,
@@ -1079,16 +1265,35 @@ async fn serve_conn(sock: TcpStream, addr: SocketAddr, server: Arc<Server>) {
                 },
         }))) => {
             let refusal = if magic != PROTOCOL_MAGIC || version != PROTOCOL_VERSION {
-                Some(format!("unsupported protocol {magic:?} v{version}"))
+                Some(format!(
+                    "unsupported protocol {:?} v{version}",
+                    clip(&magic)
+                ))
             } else if to != me {
                 Some(format!("this is node {me:#x}, not {to:#x}"))
             } else if from == me || !peers.contains_key(&from) {
                 Some(format!("node {from:#x} is not a configured peer"))
             } else {
-                None
+                // Without a key, a peer is who its address says (see the README: firewall the
+                // Raft port to the peers' addresses).
+                peers
+                    .get(&from)
+                    .filter(|p| p.addr.ip().to_canonical() != addr.ip().to_canonical())
+                    .map(|p| {
+                        format!(
+                            "it claims to be peer {} ({from:#x}), which is configured at {}",
+                            p.id,
+                            p.addr.ip()
+                        )
+                    })
             };
             if let Some(r) = refusal {
-                log::warn!("refusing raft connection from {remote}: {r}");
+                if let Some(held) = server.refusal_log.allow() {
+                    log::warn!(
+                        "refusing raft connection from {remote}: {r}{}",
+                        lograte::suppressed(held)
+                    );
+                }
                 let _ = tokio::time::timeout(
                     HANDSHAKE_TIMEOUT,
                     write_frame(
@@ -1105,10 +1310,13 @@ async fn serve_conn(sock: TcpStream, addr: SocketAddr, server: Arc<Server>) {
             (id, from)
         }
         Ok(Ok(Some(other))) => {
-            log::warn!(
-                "closing raft connection from {remote}: first frame is not a hello: {:?}",
-                other.body
-            );
+            if let Some(held) = server.refusal_log.allow() {
+                log::warn!(
+                    "closing raft connection from {remote}: first frame is not a hello but {}{}",
+                    other.body.kind(),
+                    lograte::suppressed(held)
+                );
+            }
             return;
         }
     };
@@ -1118,7 +1326,7 @@ async fn serve_conn(sock: TcpStream, addr: SocketAddr, server: Arc<Server>) {
         id,
         body: Response::HelloAck { node: me },
     };
-    if let Err(e) = write_frame(&mut wr, &ack).await {
+    if let Err(e) = write_within(&mut wr, &ack).await {
         log::warn!("closing raft connection from {remote}: {e}");
         return;
     }
@@ -1144,7 +1352,7 @@ async fn serve_conn(sock: TcpStream, addr: SocketAddr, server: Arc<Server>) {
         };
         let body = handle_request(&server, from, frame.body, &remote).await;
         let close = matches!(body, Response::Error(_));
-        if let Err(e) = write_frame(&mut wr, &Frame { id: frame.id, body }).await {
+        if let Err(e) = write_within(&mut wr, &Frame { id: frame.id, body }).await {
             log::warn!("closing raft connection from {remote}: {e}");
             return;
         }
@@ -1156,6 +1364,14 @@ async fn serve_conn(sock: TcpStream, addr: SocketAddr, server: Arc<Server>) {
 
 async fn handle_request(server: &Server, from: NodeId, req: Request, remote: &Remote) -> Response {
     let (raft, me, gate) = (&server.raft, server.me, &server.gate);
+    let ours = Ours::of(&raft.metrics().borrow());
+    if let Err(e) = check_request(&req, ours, from) {
+        log::warn!(
+            "refusing {} from {remote} and closing the connection: {e}",
+            req.kind()
+        );
+        return Response::Error(format!("refused: {e}"));
+    }
     match req {
         Request::AppendEntries(r) => {
             let contact = &server.contact;
@@ -1229,6 +1445,39 @@ async fn handle_request(server: &Server, from: NodeId, req: Request, remote: &Re
             log::warn!("closing raft connection from {remote}: second hello");
             Response::Error("hello already received".into())
         }
+    }
+}
+
+/// Checks a request's terms, log ids and sender against [`bounds`] before openraft sees it.
+fn check_request(req: &Request, ours: Ours, from: NodeId) -> Result<(), OutOfBounds> {
+    match req {
+        Request::AppendEntries(r) => {
+            bounds::sent_by("AppendEntries vote", &r.vote, from)?;
+            ours.vote("AppendEntries vote", &r.vote)?;
+            ours.log_id("prev_log_id", &r.prev_log_id)?;
+            ours.log_id("leader_commit", &r.leader_commit)?;
+            for e in &r.entries {
+                ours.log_id("entry", &Some(e.log_id))?;
+            }
+            Ok(())
+        }
+        Request::Vote(r) => {
+            bounds::sent_by("Vote request", &r.vote, from)?;
+            if r.vote.committed {
+                // A candidate asks with its uncommitted vote; a committed one would install
+                // the sender as leader in a single message.
+                return Err(OutOfBounds("Vote request carries a committed vote".into()));
+            }
+            ours.vote("Vote request", &r.vote)?;
+            ours.log_id("last_log_id", &r.last_log_id)
+        }
+        Request::FullSnapshot { vote, meta, .. } => {
+            bounds::sent_by("FullSnapshot vote", vote, from)?;
+            ours.vote("FullSnapshot vote", vote)?;
+            ours.log_id("snapshot last_log_id", &meta.last_log_id)?;
+            ours.log_id("snapshot membership", meta.last_membership.log_id())
+        }
+        Request::Hello { .. } | Request::Handover { .. } | Request::PreVote { .. } => Ok(()),
     }
 }
 
@@ -1360,6 +1609,73 @@ mod tests {
             decode(&full[..full.len() - 1]).await,
             Err(FrameError::Truncated)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_huge_garbage_frame_yields_a_short_error() {
+        // serde quotes an unknown variant name in its error: 1 MiB of it must not be logged.
+        let payload = format!("{{\"id\":1,\"body\":{{\"{}\":0}}}}", "A".repeat(1 << 20));
+        let mut bytes = (payload.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(payload.as_bytes());
+        let err = decode(&bytes).await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.len() < 2 * MAX_LOGGED_CHARS + 100,
+            "{} bytes",
+            text.len()
+        );
+        assert!(text.contains("bytes in all"), "{text}");
+        assert_eq!(clip("short"), "short");
+    }
+
+    fn append(vote: Vote<NodeId>, entry_term: u64) -> Request {
+        Request::AppendEntries(AppendEntriesRequest {
+            vote,
+            prev_log_id: None,
+            entries: vec![openraft::Entry {
+                log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(entry_term, 1), 1),
+                payload: openraft::EntryPayload::Blank,
+            }],
+            leader_commit: None,
+        })
+    }
+
+    /// The forged frames of issue 10: terms 2^40 and 2^64 - 1, a vote naming another node,
+    /// a committed vote in a vote request. All refused before openraft sees them.
+    #[test]
+    fn forged_terms_and_identities_are_refused() {
+        let ours = Ours {
+            term: 3,
+            last_index: Some(4),
+        };
+        let from = 2;
+        assert!(check_request(&append(Vote::new_committed(3, from), 3), ours, from).is_ok());
+        for term in [1 << 40, u64::MAX] {
+            assert!(
+                check_request(&append(Vote::new_committed(term, from), 3), ours, from).is_err()
+            );
+            assert!(
+                check_request(&append(Vote::new_committed(3, from), term), ours, from).is_err()
+            );
+            let vote = Request::Vote(VoteRequest::new(Vote::new(term, from), None));
+            assert!(check_request(&vote, ours, from).is_err());
+            let snap = Request::FullSnapshot {
+                vote: Vote::new_committed(term, from),
+                meta: SnapshotMeta::default(),
+                data: vec![],
+            };
+            assert!(check_request(&snap, ours, from).is_err());
+        }
+        // Claiming to speak for another node.
+        let e = check_request(&append(Vote::new_committed(4, 3), 4), ours, from).unwrap_err();
+        assert!(e.0.contains("connection is from"), "{e}");
+        let vote = Request::Vote(VoteRequest::new(Vote::new(4, 3), None));
+        assert!(check_request(&vote, ours, from).is_err());
+        // A committed vote in a vote request.
+        let vote = Request::Vote(VoteRequest::new(Vote::new_committed(4, from), None));
+        assert!(check_request(&vote, ours, from).is_err());
+        let vote = Request::Vote(VoteRequest::new(Vote::new(4, from), None));
+        assert!(check_request(&vote, ours, from).is_ok());
     }
 
     #[test]
