@@ -12,8 +12,11 @@ use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::cluster::lease;
 
 /// Gratuitous ARP / unsolicited NA rounds sent when a node takes the VIP.
 pub const DEFAULT_ARP_BURST_COUNT: u32 = 5;
@@ -34,7 +37,7 @@ pub const DEFAULT_HEARTBEAT_MS: u64 = 20;
 /// that two followers rarely stand at the same moment (split votes cost a whole round).
 pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 40;
 /// Upper bound of the randomised Raft election timeout; also the followers' leader lease, so
-/// the VIP lease is this minus a margin (see `agent::leadership`).
+/// the VIP lease is this minus a margin (see `cluster::lease`).
 pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 120;
 /// How long the load balancer waits for one backend to accept a connection.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1000;
@@ -494,14 +497,18 @@ impl Config {
                 "heartbeatMs ({hb}) must be less than electionTimeoutMinMs ({min}), or followers time out between heartbeats"
             ));
         }
-        // The VIP lease is max − max(2·hb, 25 ms); openraft heartbeats every 1.5·hb. A lease
-        // shorter than two of those would drop the VIP whenever one heartbeat is late.
-        let lease = max.saturating_sub((2 * hb).max(25));
+        // openraft heartbeats every 1.5·hb: a VIP lease (cluster::lease) shorter than two of
+        // those would drop the VIP whenever one heartbeat is late.
+        let ms = |d: Duration| d.as_millis() as u64;
+        let lease = ms(lease::vip_lease(
+            Duration::from_millis(hb),
+            Duration::from_millis(max),
+        ));
         if hb > 0 && lease < 3 * hb {
             p.push(format!(
                 "electionTimeoutMaxMs ({max}) is too short for heartbeatMs ({hb}): the VIP lease would be {lease} ms, less than two heartbeats ({} ms); use at least {}",
                 3 * hb,
-                3 * hb + (2 * hb).max(25)
+                3 * hb + ms(lease::lease_margin(Duration::from_millis(hb)))
             ));
         }
         p

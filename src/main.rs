@@ -8,12 +8,9 @@ mod lb;
 mod shutdown;
 mod vip;
 
-use std::collections::HashMap;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Parser;
 use log::{error, info};
@@ -175,27 +172,12 @@ async fn run_clustered(
         config.remote_peers.len(),
         config.state_dir().display()
     );
-    let addrs: HashMap<cluster::NodeId, SocketAddr> = config
-        .all_peers()
-        .map(|p| (cluster::node_id(&p.id), p.socket_addr()))
-        .collect();
-    let lease = agent::leadership::vip_lease(
-        Duration::from_millis(config.heartbeat_ms()),
-        Duration::from_millis(config.election_timeout_max_ms()),
-    );
-    let (role_tx, role_rx) = watch::channel(Leadership::now(Role::Follower));
-    let follower = tokio::spawn(agent::leadership::follow(
-        cluster.metrics(),
-        lease,
-        role_tx,
-        move |id| addrs.get(&id).copied(),
-    ));
+    let role_rx = cluster.leadership();
     let result = agent::run(config, disable_vip, role_rx, Some(gate), shutdown).await;
     // The agent has removed the VIP by now, so a successor may take it at once.
     if let Err(e) = cluster.hand_over_and_shutdown().await {
         error!("handover: {e}");
     }
-    follower.abort();
     result?;
     Ok(())
 }

@@ -696,7 +696,7 @@ mod tests {
     use openraft::{CommittedLeaderId, Config, Membership, Raft};
 
     use super::*;
-    use crate::cluster::network::Network;
+    use crate::cluster::transport::Network;
 
     /// A fresh, empty directory under the system temp dir.
     fn temp_dir(name: &str) -> PathBuf {
