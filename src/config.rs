@@ -215,6 +215,11 @@ pub struct Config {
     /// Raft election timeout upper bound, ms (default [`DEFAULT_ELECTION_TIMEOUT_MAX_MS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub election_timeout_max_ms: Option<u64>,
+    /// File with the shared key(s) authenticating the peer channel (one per line, hex or
+    /// base64, at least 32 bytes; the first signs, all are accepted). Unset: the peer channel
+    /// is unauthenticated and peers are identified by address only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_key_file: Option<PathBuf>,
 }
 
 /// A configuration that could not be loaded; the message names the file, field and line.
@@ -325,6 +330,12 @@ impl Config {
         c
     }
 
+    /// A warning about `peerKeyFile` (e.g. readable by others), for `check`.
+    pub fn peer_key_warning(&self) -> Option<String> {
+        let path = self.peer_key_file.as_ref()?;
+        crate::cluster::auth::KeyRing::load(path).ok()?.1
+    }
+
     /// All peers, the local one first.
     pub fn all_peers(&self) -> impl Iterator<Item = &Peer> {
         self.local_peer.iter().chain(self.remote_peers.iter())
@@ -334,6 +345,11 @@ impl Config {
     /// Returns one message per problem; empty means valid.
     pub fn validate(&self, text: &str) -> Vec<String> {
         let mut p = Vec::new();
+        if let Some(path) = &self.peer_key_file {
+            if let Err(e) = crate::cluster::auth::KeyRing::load(path) {
+                p.push(format!("{e}{}", at_in_top(text, "peerKeyFile")));
+            }
+        }
         // " (line N)" for the nth `key: value` inside top-level `section` ("" = whole file).
         let at_in = |section: &str, key: &str, value: &str, nth: usize| -> String {
             match find_line_in(text, section, key, value, nth) {
@@ -513,6 +529,17 @@ impl Config {
         }
         p
     }
+}
+
+/// " (line N)" of top-level key `key`, or nothing.
+fn at_in_top(text: &str, key: &str) -> String {
+    text.lines()
+        .position(|l| {
+            l.strip_prefix(key)
+                .is_some_and(|r| r.trim_start().starts_with(':'))
+        })
+        .map(|n| format!(" (line {})", n + 1))
+        .unwrap_or_default()
 }
 
 /// Like [`find_line`], but only inside the block of top-level key `section` (from its line to

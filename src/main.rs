@@ -44,6 +44,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Sample(Sample::Config(a)) => print_yaml(&cli::sample_config(&a)),
+        Command::Sample(Sample::Key) => {
+            println!("{}", cluster::auth::sample_key());
+            ExitCode::SUCCESS
+        }
         Command::Sample(Sample::Manifest(a)) => {
             print!("{}", cli::sample_manifest(&a));
             ExitCode::SUCCESS
@@ -51,6 +55,9 @@ fn main() -> ExitCode {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
                 eprintln!("{}: OK", config.display());
+                if let Some(w) = c.peer_key_warning() {
+                    eprintln!("warning: {w}");
+                }
                 print_yaml(&c.effective())
             }
             Err(e) => {
@@ -154,6 +161,16 @@ async fn run_clustered(
         id: p.id.clone(),
         addr: p.socket_addr(),
     };
+    let keys = match &config.peer_key_file {
+        None => None,
+        Some(path) => {
+            let (keys, warning) = cluster::auth::KeyRing::load(path)?;
+            if let Some(w) = warning {
+                log::warn!("{w}");
+            }
+            Some(keys)
+        }
+    };
     let settings = cluster::ClusterSettings {
         local: peer(&local),
         remotes: config.remote_peers.iter().map(peer).collect(),
@@ -162,6 +179,7 @@ async fn run_clustered(
         election_timeout_min_ms: config.election_timeout_min_ms(),
         election_timeout_max_ms: config.election_timeout_max_ms(),
         state_dir: config.state_dir(),
+        keys,
     };
     let gate = Arc::new(cluster::VoteGate::default());
     let cluster = cluster::Cluster::start(settings, gate.clone()).await?;

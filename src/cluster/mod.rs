@@ -41,7 +41,9 @@
 //! * A node refuses every vote for `election_timeout_max` after it starts, and while its VIP
 //!   may be up ([`gate`]).
 
+pub mod auth;
 pub mod bounds;
+pub mod counters;
 pub mod elections;
 pub mod gate;
 pub mod lease;
@@ -156,6 +158,8 @@ pub struct ClusterSettings {
     pub election_timeout_max_ms: u64,
     /// Directory for the vote, log and snapshot files (created if missing).
     pub state_dir: PathBuf,
+    /// The keys of `peerKeyFile`; `None`: the peer channel is unauthenticated.
+    pub keys: Option<auth::KeyRing>,
 }
 
 impl ClusterSettings {
@@ -296,11 +300,24 @@ impl Cluster {
                     source,
                 })?;
 
+        match &s.keys {
+            Some(k) => log::info!(
+                "peer channel authenticated with peerKeyFile ({} key(s) accepted)",
+                k.len()
+            ),
+            None => log::warn!(
+                "peer channel is NOT authenticated: anyone who can reach {} from a peer's address \
+                 can speak Raft. Set peerKeyFile (make a key with `kube-vip sample key`, copy it \
+                 to every node) or firewall the Raft port to the peers' addresses",
+                s.local.addr
+            ),
+        }
         let network = Network::new(
             me,
             s.local.addr.ip(),
             peers.clone(),
             Duration::from_millis(s.heartbeat_ms),
+            s.keys.clone().map(Arc::new),
         );
         let raft = Raft::new(
             me,
@@ -327,6 +344,8 @@ impl Cluster {
                 lease,
                 refusal_log: Default::default(),
                 limit_log: Default::default(),
+                auth_log: Default::default(),
+                keys: s.keys.clone(),
             }),
         ));
         // Elections stay off until a quorum would grant a pre-vote (see `probe_pre_votes`).

@@ -752,7 +752,7 @@ mod tests {
         let config = Arc::new(Config::default().validate().unwrap());
         let start = || async {
             let ip = std::net::Ipv4Addr::LOCALHOST.into();
-            let net = Network::new(1, ip, Arc::default(), Duration::from_millis(50));
+            let net = Network::new(1, ip, Arc::default(), Duration::from_millis(50), None);
             Raft::<TypeConfig>::new(
                 1,
                 config.clone(),

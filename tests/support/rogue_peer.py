@@ -2,15 +2,21 @@
 """A rogue host on the Raft port: speaks kube-vip's peer wire format (u32 big-endian length +
 JSON frame) and forges messages claiming to be a configured peer.
 
-usage: rogue_peer.py HOST PORT FROM_ID TO_ID TERM [KIND...]
+usage: rogue_peer.py [--key HEX | --keyed] HOST PORT FROM_ID TO_ID TERM [KIND...]
   FROM_ID / TO_ID  peer id strings (server1, ...); node ids are FNV-1a 64 of them
   TERM             the term to forge (e.g. 1099511627776 = 2^40, 18446744073709551615 = 2^64-1)
   KIND             any of AppendEntries Vote FullSnapshot Handover PreVote (default: all)
+
+  --key HEX        speak the keyed handshake (protocol v2) and prove with this (wrong) key
+  --keyed          speak the keyed handshake with no key at all (garbage proof)
 
 For each kind: connect, send Hello claiming FROM_ID, then the forged frame; prints one line per
 kind with what came back (the answer's variant, or how the connection ended). Exit 0 always:
 the test judges the cluster, not this tool.
 """
+import hashlib
+import hmac
+import os
 import json
 import socket
 import struct
@@ -70,9 +76,45 @@ def forged(kind, frm, term):
     raise SystemExit(f"unknown kind {kind}")
 
 
+CLIENT_PROOF = b"kube-vip peer auth v2: dialer proof"
+
+
+def keyed_handshake(s, key, frm_id, to_id, answers):
+    """Hello v2 + Auth with `key` (bytes, or None for a garbage proof); True if accepted."""
+    nonce_c = os.urandom(32)
+    hello = {"Hello": {"magic": "kube-vip-raft", "version": 2, "from": frm_id, "to": to_id,
+                       "nonce": nonce_c.hex()}}
+    s.sendall(frame({"id": 0, "body": hello}))
+    f = read_frame(s)
+    if f is None:
+        answers.append("closed")
+        return False
+    body = f["body"]
+    answers.append(next(iter(body)) if isinstance(body, dict) else body)
+    if not (isinstance(body, dict) and "HelloAck" in body and body["HelloAck"].get("nonce")):
+        return False
+    nonce_s = bytes.fromhex(body["HelloAck"]["nonce"])
+    msg = CLIENT_PROOF + nonce_c + nonce_s + frm_id.to_bytes(8, "big") + to_id.to_bytes(8, "big")
+    proof = hmac.new(key, msg, hashlib.sha256).hexdigest() if key else os.urandom(32).hex()
+    s.sendall(frame({"id": 0, "body": {"Auth": {"proof": proof}}}))
+    f = read_frame(s)
+    if f is None:
+        answers.append("closed")
+        return False
+    body = f["body"]
+    answers.append(next(iter(body)) if isinstance(body, dict) else body)
+    return body == "AuthOk"
+
+
 def main():
-    host, port, frm, to, term = sys.argv[1:6]
-    kinds = sys.argv[6:] or ["AppendEntries", "Vote", "FullSnapshot", "Handover", "PreVote"]
+    args = sys.argv[1:]
+    key, keyed = None, False
+    if args[0] == "--key":
+        key, keyed, args = bytes.fromhex(args[1]), True, args[2:]
+    elif args[0] == "--keyed":
+        keyed, args = True, args[1:]
+    host, port, frm, to, term = args[:5]
+    kinds = args[5:] or ["AppendEntries", "Vote", "FullSnapshot", "Handover", "PreVote"]
     frm_id, to_id, term = node_id(frm), node_id(to), int(term)
     for kind in kinds:
         try:
@@ -80,11 +122,15 @@ def main():
         except OSError as e:
             print(f"{kind}: connect failed: {e}")
             continue
+        answers = []
         try:
-            hello = {"Hello": {"magic": "kube-vip-raft", "version": 1, "from": frm_id, "to": to_id}}
-            s.sendall(frame({"id": 0, "body": hello}))
+            if keyed:
+                # A rogue with a wrong key cannot tag frames; send the forgery untagged anyway.
+                keyed_handshake(s, key, frm_id, to_id, answers)
+            else:
+                hello = {"Hello": {"magic": "kube-vip-raft", "version": 1, "from": frm_id, "to": to_id}}
+                s.sendall(frame({"id": 0, "body": hello}))
             s.sendall(frame({"id": 1, "body": forged(kind, frm_id, term)}))
-            answers = []
             while True:
                 f = read_frame(s)
                 if f is None:
@@ -95,7 +141,7 @@ def main():
                     break
             print(f"{kind}: {' '.join(map(str, answers)) or 'closed'}")
         except (OSError, ValueError) as e:
-            print(f"{kind}: {e}")
+            print(f"{kind}: {' '.join(map(str, answers))} ({e})")
         finally:
             s.close()
 

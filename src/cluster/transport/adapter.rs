@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use super::client::{CallError, HedgedClient, PeerClient};
 use super::codec::{clip, Request, Response};
 use super::{lock, PeerMap, PeerName};
+use crate::cluster::auth::KeyRing;
 use crate::cluster::bounds::{Ours, OutOfBounds};
 use crate::cluster::types::{Metrics, Node, NodeId, TypeConfig};
 
@@ -37,6 +38,8 @@ struct NetInner {
     clients: Mutex<HashMap<NodeId, HedgedClient>>,
     /// Our Raft's metrics, once it runs: the reference point for checking answers ([`bounds`]).
     metrics: OursSource,
+    /// The keys of `peerKeyFile`, if set.
+    keys: Option<Arc<KeyRing>>,
 }
 
 /// Where answers find this node's current term and last log index (set once Raft runs).
@@ -58,7 +61,13 @@ impl Network {
     /// `backoff` is how long openraft waits after an unreachable peer before
     /// trying it again; keep it at about one heartbeat interval (see
     /// [`RaftNetwork::backoff`] below for why).
-    pub fn new(me: NodeId, local_ip: IpAddr, peers: Arc<PeerMap>, backoff: Duration) -> Network {
+    pub fn new(
+        me: NodeId,
+        local_ip: IpAddr,
+        peers: Arc<PeerMap>,
+        backoff: Duration,
+        keys: Option<Arc<KeyRing>>,
+    ) -> Network {
         Network {
             inner: Arc::new(NetInner {
                 me,
@@ -67,6 +76,7 @@ impl Network {
                 backoff,
                 clients: Mutex::default(),
                 metrics: OursSource::default(),
+                keys,
             }),
         }
     }
@@ -84,8 +94,15 @@ impl Network {
         let peer = self.inner.peers.get(&target)?;
         let mut clients = lock(&self.inner.clients);
         let c = clients.entry(target).or_insert_with(|| {
-            let lane =
-                || PeerClient::spawn(self.inner.me, self.inner.local_ip, target, peer.clone());
+            let lane = || {
+                PeerClient::spawn(
+                    self.inner.me,
+                    self.inner.local_ip,
+                    target,
+                    peer.clone(),
+                    self.inner.keys.clone(),
+                )
+            };
             HedgedClient {
                 lanes: [lane(), lane()],
                 // One heartbeat: an answer later than that is a stall, not a slow peer.

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,8 +18,11 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::codec::{encode_frame, read_frame, Frame, Request, Response};
+use super::codec::{encode_frame, read_frame, Frame, FrameError, Request, Response};
+use super::handshake::DialError;
 use super::{handshake, lock, PeerName};
+use crate::cluster::auth::{FrameMac, KeyRing};
+use crate::cluster::counters;
 use crate::cluster::types::{NodeId, PeerInfo};
 
 /// Limit for establishing a TCP connection to a peer.
@@ -68,6 +72,8 @@ type PendingMap = Arc<Mutex<HashMap<u64, Pending>>>;
 /// An established outgoing connection.
 struct Conn {
     writer: OwnedWriteHalf,
+    /// Seals what we send on this connection.
+    seal: FrameMac,
     pending: PendingMap,
     reader: JoinHandle<()>,
 }
@@ -117,14 +123,18 @@ impl PeerClient {
         local_ip: IpAddr,
         target: NodeId,
         peer: PeerInfo,
+        keys: Option<Arc<KeyRing>>,
     ) -> PeerClient {
         let (tx, rx) = mpsc::unbounded_channel();
         let last_answer = LastAnswer::default();
         tokio::spawn(peer_task(
-            me,
-            local_ip,
-            target,
-            peer,
+            Dialer {
+                me,
+                local_ip,
+                target,
+                peer,
+                keys,
+            },
             rx,
             last_answer.clone(),
         ));
@@ -166,32 +176,40 @@ async fn dial(local_ip: IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
     socket.connect(addr).await
 }
 
-async fn connect(
+/// Who dials whom, and with which keys.
+struct Dialer {
     me: NodeId,
+    /// Source address for the connection (our own Raft listener's IP).
     local_ip: IpAddr,
     target: NodeId,
-    peer: &PeerInfo,
-    last_answer: &LastAnswer,
-) -> Result<Conn, String> {
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, dial(local_ip, peer.addr))
+    peer: PeerInfo,
+    keys: Option<Arc<KeyRing>>,
+}
+
+async fn connect(d: &Dialer, last_answer: &LastAnswer) -> Result<Conn, DialError> {
+    let other = DialError::Other;
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, dial(d.local_ip, d.peer.addr))
         .await
-        .map_err(|_| format!("connect timed out after {CONNECT_TIMEOUT:?}"))?
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|_| other(format!("connect timed out after {CONNECT_TIMEOUT:?}")))?
+        .map_err(|e| other(format!("connect: {e}")))?;
     // Heartbeats are tiny; Nagle would hold them back behind unacknowledged data.
     stream
         .set_nodelay(true)
-        .map_err(|e| format!("set TCP_NODELAY: {e}"))?;
+        .map_err(|e| other(format!("set TCP_NODELAY: {e}")))?;
     let (mut rd, mut wr) = stream.into_split();
-    handshake::client_hello(&mut rd, &mut wr, me, target).await?;
+    let session =
+        handshake::client_hello(&mut rd, &mut wr, d.me, d.target, d.keys.as_deref()).await?;
     let pending: PendingMap = Arc::default();
     let reader = tokio::spawn(read_responses(
         rd,
+        session.recv,
         pending.clone(),
-        peer.clone(),
+        d.peer.clone(),
         last_answer.clone(),
     ));
     Ok(Conn {
         writer: wr,
+        seal: session.send,
         pending,
         reader,
     })
@@ -200,12 +218,13 @@ async fn connect(
 /// Delivers answers to their waiting callers until the connection ends.
 async fn read_responses(
     mut rd: tokio::net::tcp::OwnedReadHalf,
+    mut open: FrameMac,
     pending: PendingMap,
     peer: PeerInfo,
     last_answer: LastAnswer,
 ) {
     loop {
-        match read_frame::<_, Frame<Response>>(&mut rd).await {
+        match read_frame::<_, Frame<Response>>(&mut rd, &mut open).await {
             Ok(Some(frame)) => {
                 *lock(&last_answer) = Some(Instant::now());
                 // Absent id: the caller gave up and was pruned; the answer is dropped.
@@ -218,6 +237,9 @@ async fn read_responses(
                 break;
             }
             Err(e) => {
+                if matches!(e, FrameError::Auth(_)) {
+                    counters::PEER_FRAMES_REFUSED.fetch_add(1, Ordering::Relaxed);
+                }
                 log::warn!("closing connection to peer {}: {e}", PeerName(&peer));
                 break;
             }
@@ -231,18 +253,13 @@ async fn read_responses(
 }
 
 /// Owns the connection to one peer; serves calls until every [`PeerClient`] is dropped.
-async fn peer_task(
-    me: NodeId,
-    local_ip: IpAddr,
-    target: NodeId,
-    peer: PeerInfo,
-    mut rx: mpsc::UnboundedReceiver<Call>,
-    last_answer: LastAnswer,
-) {
+async fn peer_task(d: Dialer, mut rx: mpsc::UnboundedReceiver<Call>, last_answer: LastAnswer) {
     let mut conn: Option<Conn> = None;
     let mut next_id: u64 = 1;
     // Log reachability changes once, not once per heartbeat.
     let mut reachable: Option<bool> = None;
+    let mut auth_failed = false;
+    let peer = &d.peer;
     let mut liveness = tokio::time::interval(LIVENESS_CHECK_INTERVAL);
     liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -256,7 +273,7 @@ async fn peer_task(
                     if c.oldest_pending().is_some_and(|age| age > RPC_TIMEOUT) {
                         log::warn!(
                             "no answer from peer {} for {RPC_TIMEOUT:?}; dropping the connection",
-                            PeerName(&peer)
+                            PeerName(peer)
                         );
                         conn = None;
                     }
@@ -272,27 +289,30 @@ async fn peer_task(
         }
         let c = match &mut conn {
             Some(c) => c,
-            None => match connect(me, local_ip, target, &peer, &last_answer).await {
+            None => match connect(&d, &last_answer).await {
                 Ok(c) => {
                     if reachable != Some(true) {
-                        log::info!("connected to peer {}", PeerName(&peer));
+                        log::info!("connected to peer {}", PeerName(peer));
                     }
                     reachable = Some(true);
                     conn.insert(c)
                 }
                 Err(e) => {
-                    if reachable != Some(false) {
-                        log::warn!("peer {} unreachable: {e}", PeerName(&peer));
+                    // Once per change: unreachable, or refused for its key.
+                    let auth = matches!(e, DialError::Auth(_));
+                    if reachable != Some(false) || auth != auth_failed {
+                        log::warn!("peer {} unreachable: {e}", PeerName(peer));
                     }
                     reachable = Some(false);
-                    let _ = call.reply.send(Err(CallError::Unreachable(e)));
+                    auth_failed = auth;
+                    let _ = call.reply.send(Err(CallError::Unreachable(e.to_string())));
                     continue;
                 }
             },
         };
         let id = next_id;
         next_id += 1;
-        let frame = match encode_frame(&Frame { id, body: call.req }) {
+        let frame = match encode_frame(&Frame { id, body: call.req }, &mut c.seal) {
             Ok(f) => f,
             Err(e) => {
                 let _ = call.reply.send(Err(CallError::Network(format!(
@@ -313,11 +333,11 @@ async fn peer_task(
         match tokio::time::timeout(RPC_TIMEOUT, c.writer.write_all(&frame)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                log::warn!("write to peer {} failed: {e}", PeerName(&peer));
+                log::warn!("write to peer {} failed: {e}", PeerName(peer));
                 conn = None;
             }
             Err(_) => {
-                log::warn!("write to peer {} timed out", PeerName(&peer));
+                log::warn!("write to peer {} timed out", PeerName(peer));
                 conn = None;
             }
         }

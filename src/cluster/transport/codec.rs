@@ -17,6 +17,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+#[cfg(doc)]
+use crate::cluster::auth::KEYED_VERSION;
+use crate::cluster::auth::{BadTag, FrameMac};
 use crate::cluster::types::{Node, NodeId, TypeConfig};
 
 /// Largest accepted frame payload, in bytes.
@@ -50,6 +53,15 @@ pub enum Request {
         from: NodeId,
         /// Node id the caller expects to reach.
         to: NodeId,
+        /// With a key ([`KEYED_VERSION`]): the caller's fresh nonce, hex. Absent in version 1,
+        /// whose frames stay byte for byte what they were.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<String>,
+    },
+    /// With a key: the caller's proof that it holds an accepted key (see [`crate::cluster::auth`]).
+    Auth {
+        /// HMAC proof, hex.
+        proof: String,
     },
     /// Raft AppendEntries: log replication and heartbeat.
     AppendEntries(AppendEntriesRequest<TypeConfig>),
@@ -85,7 +97,15 @@ pub enum Response {
     HelloAck {
         /// Node id of the listener.
         node: NodeId,
+        /// With a key: the listener's fresh nonce, hex.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<String>,
+        /// With a key: the listener's proof that it holds an accepted key, hex.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        proof: Option<String>,
     },
+    /// With a key: the caller's proof was accepted; the first authenticated frame.
+    AuthOk,
     /// Answer to [`Request::AppendEntries`].
     AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     /// Answer to [`Request::Vote`].
@@ -113,15 +133,25 @@ pub enum FrameError {
     /// [`MAX_LOGGED_CHARS`] (serde quotes what it could not match, e.g. a 4 MiB variant name).
     #[error("undecodable frame: {0}")]
     Decode(String),
+    /// The frame's authentication tag is missing or wrong ([`FrameMac`]).
+    #[error(transparent)]
+    Auth(#[from] BadTag),
     /// Socket error.
     #[error("{0}")]
     Io(#[from] io::Error),
 }
 
-/// Encodes `msg` as one frame (length prefix + JSON).
-pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+/// Encodes `msg` as one frame (length prefix + JSON, + tag when `mac` has a key).
+pub fn encode_frame<T: Serialize>(msg: &T, mac: &mut FrameMac) -> Result<Vec<u8>, FrameError> {
+    let mut payload = Vec::new();
+    serde_json::to_writer(&mut payload, msg)
+        .map_err(|e| FrameError::Decode(clip(&e.to_string())))?;
+    if payload.len() + mac.overhead() > MAX_FRAME_LENGTH {
+        return Err(FrameError::TooLarge(payload.len() as u64));
+    }
+    mac.seal(&mut payload);
     let mut buf = vec![0u8; 4];
-    serde_json::to_writer(&mut buf, msg).map_err(|e| FrameError::Decode(clip(&e.to_string())))?;
+    buf.extend_from_slice(&payload);
     let len = buf.len() - 4;
     if len > MAX_FRAME_LENGTH {
         return Err(FrameError::TooLarge(len as u64));
@@ -135,8 +165,9 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
 pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     w: &mut W,
     msg: &T,
+    mac: &mut FrameMac,
 ) -> Result<(), FrameError> {
-    let buf = encode_frame(msg)?;
+    let buf = encode_frame(msg, mac)?;
     w.write_all(&buf).await?;
     Ok(())
 }
@@ -147,6 +178,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
 /// so callers that time out a read must drop the connection.
 pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
     r: &mut R,
+    mac: &mut FrameMac,
 ) -> Result<Option<T>, FrameError> {
     let mut len_buf = [0u8; 4];
     let mut got = 0;
@@ -173,9 +205,17 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
             FrameError::Io(e)
         }
     })?;
-    serde_json::from_slice(&payload)
-        .map(Some)
-        .map_err(|e| FrameError::Decode(clip(&e.to_string())))
+    decode_payload(&payload, mac).map(Some)
+}
+
+/// Checks a frame's tag (if `mac` has a key) and decodes it. Split out so the fuzz test can
+/// drive it without a socket.
+pub fn decode_payload<T: DeserializeOwned>(
+    frame: &[u8],
+    mac: &mut FrameMac,
+) -> Result<T, FrameError> {
+    let payload = mac.open(frame)?;
+    serde_json::from_slice(payload).map_err(|e| FrameError::Decode(clip(&e.to_string())))
 }
 
 /// Longest text from a peer (or about a peer's frame) that goes into one log line.
@@ -195,6 +235,7 @@ impl Request {
     pub fn kind(&self) -> &'static str {
         match self {
             Request::Hello { .. } => "Hello",
+            Request::Auth { .. } => "Auth",
             Request::AppendEntries(_) => "AppendEntries",
             Request::Vote(_) => "Vote",
             Request::FullSnapshot { .. } => "FullSnapshot",
@@ -209,6 +250,7 @@ impl Response {
     pub fn kind(&self) -> &'static str {
         match self {
             Response::HelloAck { .. } => "HelloAck",
+            Response::AuthOk => "AuthOk",
             Response::AppendEntries(_) => "AppendEntries",
             Response::Vote(_) => "Vote",
             Response::FullSnapshot(_) => "FullSnapshot",
@@ -225,7 +267,7 @@ mod tests {
 
     async fn decode(bytes: &[u8]) -> Result<Option<Frame<Request>>, FrameError> {
         let mut r = bytes;
-        read_frame(&mut r).await
+        read_frame(&mut r, &mut FrameMac::none()).await
     }
 
     #[tokio::test]
@@ -234,7 +276,7 @@ mod tests {
             id: 7,
             body: Request::Handover { from: 42 },
         };
-        let bytes = encode_frame(&msg).unwrap();
+        let bytes = encode_frame(&msg, &mut FrameMac::none()).unwrap();
         assert_eq!(
             u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize,
             bytes.len() - 4
@@ -284,10 +326,13 @@ mod tests {
         // Inside the length prefix.
         assert!(matches!(decode(&[0, 0]).await, Err(FrameError::Truncated)));
         // Inside the payload.
-        let full = encode_frame(&Frame {
-            id: 1,
-            body: Request::Handover { from: 1 },
-        })
+        let full = encode_frame(
+            &Frame {
+                id: 1,
+                body: Request::Handover { from: 1 },
+            },
+            &mut FrameMac::none(),
+        )
         .unwrap();
         assert!(matches!(
             decode(&full[..full.len() - 1]).await,
@@ -322,6 +367,9 @@ mod tests {
                 data: vec![0u8; MAX_FRAME_LENGTH],
             },
         };
-        assert!(matches!(encode_frame(&big), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            encode_frame(&big, &mut FrameMac::none()),
+            Err(FrameError::TooLarge(_))
+        ));
     }
 }

@@ -11,6 +11,8 @@
 pub mod adapter;
 pub mod client;
 pub mod codec;
+#[cfg(test)]
+mod fuzz;
 pub mod handshake;
 pub mod server;
 

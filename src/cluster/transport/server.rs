@@ -5,6 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, Cursor};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,9 @@ use super::client::RPC_TIMEOUT;
 use super::codec::{read_frame, write_frame, Frame, FrameError, Request, Response};
 use super::handshake::{self, Refused};
 use super::PeerMap;
+use crate::cluster::auth::{FrameMac, KeyRing};
 use crate::cluster::bounds::{self, Ours, OutOfBounds};
+use crate::cluster::counters;
 use crate::cluster::elections::LeaderContact;
 use crate::cluster::gate::VoteGate;
 use crate::cluster::lograte::{self, LogRate};
@@ -68,6 +71,7 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>) {
                 Ok((sock, addr)) => {
                     let ip = addr.ip().to_canonical();
                     if conns.len() >= MAX_CONNS {
+                        counters::PEER_CONNECTIONS_LIMITED.fetch_add(1, Ordering::Relaxed);
                         if let Some(held) = server.limit_log.allow() {
                             log::warn!(
                                 "closing raft connection from {addr}: {MAX_CONNS} connections open{}",
@@ -78,6 +82,7 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>) {
                     }
                     let open = by_source.entry(ip).or_default();
                     if open.len() >= MAX_CONNS_PER_SOURCE {
+                        counters::PEER_CONNECTIONS_LIMITED.fetch_add(1, Ordering::Relaxed);
                         if let Some(oldest) = open.pop_front() {
                             oldest.abort();
                         }
@@ -119,8 +124,9 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>) {
 async fn write_within<W: AsyncWrite + Unpin, T: Serialize>(
     w: &mut W,
     msg: &T,
+    mac: &mut FrameMac,
 ) -> Result<(), FrameError> {
-    tokio::time::timeout(WRITE_TIMEOUT, write_frame(w, msg))
+    tokio::time::timeout(WRITE_TIMEOUT, write_frame(w, msg, mac))
         .await
         .map_err(|_| {
             FrameError::Io(io::Error::new(
@@ -151,6 +157,10 @@ pub struct Server {
     pub refusal_log: LogRate,
     /// Rate limit for lines about connection limits.
     pub limit_log: LogRate,
+    /// Rate limit for lines about failed authentication.
+    pub auth_log: LogRate,
+    /// The keys of `peerKeyFile`; `None`: unauthenticated, peers identified by address.
+    pub keys: Option<KeyRing>,
 }
 
 /// Who is on the other end of an inbound connection, for log lines.
@@ -176,28 +186,39 @@ async fn serve_conn(sock: TcpStream, addr: SocketAddr, server: Arc<Server>) {
     }
     let (mut rd, mut wr) = sock.into_split();
 
-    let from = match handshake::server_hello(&mut rd, &mut wr, addr, me, peers).await {
-        Ok(from) => from,
-        Err(Refused::Closed) => return,
-        Err(Refused::Silent(why)) => {
-            if let Some(held) = server.refusal_log.allow() {
-                log::warn!(
-                    "closing raft connection from {remote}: {why}{}",
-                    lograte::suppressed(held)
-                );
+    let keys = server.keys.as_ref();
+    let (from, mut session) =
+        match handshake::server_hello(&mut rd, &mut wr, addr, me, peers, keys).await {
+            Ok(ok) => ok,
+            Err(Refused::Auth(why)) => {
+                if let Some(held) = server.auth_log.allow() {
+                    log::warn!(
+                        "refusing raft connection from {remote}: {why}{}",
+                        lograte::suppressed(held)
+                    );
+                }
+                return;
             }
-            return;
-        }
-        Err(Refused::Answered(why)) => {
-            if let Some(held) = server.refusal_log.allow() {
-                log::warn!(
-                    "refusing raft connection from {remote}: {why}{}",
-                    lograte::suppressed(held)
-                );
+            Err(Refused::Closed) => return,
+            Err(Refused::Silent(why)) => {
+                if let Some(held) = server.refusal_log.allow() {
+                    log::warn!(
+                        "closing raft connection from {remote}: {why}{}",
+                        lograte::suppressed(held)
+                    );
+                }
+                return;
             }
-            return;
-        }
-    };
+            Err(Refused::Answered(why)) => {
+                if let Some(held) = server.refusal_log.allow() {
+                    log::warn!(
+                        "refusing raft connection from {remote}: {why}{}",
+                        lograte::suppressed(held)
+                    );
+                }
+                return;
+            }
+        };
     let name = peers.get(&from).map(|p| p.id.clone()).unwrap_or_default();
     remote.peer = Some((from, name));
     log::debug!("accepted raft connection from {remote}");
@@ -205,7 +226,7 @@ async fn serve_conn(sock: TcpStream, addr: SocketAddr, server: Arc<Server>) {
     loop {
         let frame = match tokio::time::timeout(
             IDLE_TIMEOUT,
-            read_frame::<_, Frame<Request>>(&mut rd),
+            read_frame::<_, Frame<Request>>(&mut rd, &mut session.recv),
         )
         .await
         {
@@ -216,13 +237,23 @@ async fn serve_conn(sock: TcpStream, addr: SocketAddr, server: Arc<Server>) {
             Ok(Ok(Some(f))) => f,
             Ok(Ok(None)) => return,
             Ok(Err(e)) => {
-                log::warn!("closing raft connection from {remote}: {e}");
+                if matches!(e, FrameError::Auth(_)) {
+                    counters::PEER_FRAMES_REFUSED.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(held) = server.refusal_log.allow() {
+                    log::warn!(
+                        "closing raft connection from {remote}: {e}{}",
+                        lograte::suppressed(held)
+                    );
+                }
                 return;
             }
         };
         let body = handle_request(&server, from, frame.body, &remote).await;
         let close = matches!(body, Response::Error(_));
-        if let Err(e) = write_within(&mut wr, &Frame { id: frame.id, body }).await {
+        if let Err(e) =
+            write_within(&mut wr, &Frame { id: frame.id, body }, &mut session.send).await
+        {
             log::warn!("closing raft connection from {remote}: {e}");
             return;
         }
@@ -236,10 +267,14 @@ async fn handle_request(server: &Server, from: NodeId, req: Request, remote: &Re
     let (raft, me, gate) = (&server.raft, server.me, &server.gate);
     let ours = Ours::of(&raft.metrics().borrow());
     if let Err(e) = check_request(&req, ours, from) {
-        log::warn!(
-            "refusing {} from {remote} and closing the connection: {e}",
-            req.kind()
-        );
+        counters::PEER_FRAMES_REFUSED.fetch_add(1, Ordering::Relaxed);
+        if let Some(held) = server.refusal_log.allow() {
+            log::warn!(
+                "refusing {} from {remote} and closing the connection: {e}{}",
+                req.kind(),
+                lograte::suppressed(held)
+            );
+        }
         return Response::Error(format!("refused: {e}"));
     }
     match req {
@@ -311,9 +346,11 @@ async fn handle_request(server: &Server, from: NodeId, req: Request, remote: &Re
         Request::Handover { from: leader } => {
             Response::Handover(start_handover_election(raft, me, from, leader, remote).await)
         }
-        Request::Hello { .. } => {
-            log::warn!("closing raft connection from {remote}: second hello");
-            Response::Error("hello already received".into())
+        Request::Hello { .. } | Request::Auth { .. } => {
+            log::warn!(
+                "closing raft connection from {remote}: handshake frame after the handshake"
+            );
+            Response::Error("handshake already done".into())
         }
     }
 }
@@ -347,7 +384,10 @@ fn check_request(req: &Request, ours: Ours, from: NodeId) -> Result<(), OutOfBou
             ours.log_id("snapshot last_log_id", &meta.last_log_id)?;
             ours.log_id("snapshot membership", meta.last_membership.log_id())
         }
-        Request::Hello { .. } | Request::Handover { .. } | Request::PreVote { .. } => Ok(()),
+        Request::Hello { .. }
+        | Request::Auth { .. }
+        | Request::Handover { .. }
+        | Request::PreVote { .. } => Ok(()),
     }
 }
 
