@@ -619,6 +619,37 @@ mod tests {
     }
 
     #[test]
+    fn peer_key_file_errors_name_the_field_and_line() {
+        let dir = std::env::temp_dir().join(format!("kv-config-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let with = |path: &Path| format!("{SEED}peerKeyFile: {}\n", path.display());
+        let missing = dir.join("missing.key");
+        let e = parse(&with(&missing)).unwrap_err();
+        assert!(
+            e.contains("peerKeyFile") && e.contains("cannot read"),
+            "{e}"
+        );
+        assert!(e.contains("(line "), "{e}");
+        let short = dir.join("short.key");
+        std::fs::write(&short, "abcd\n").unwrap();
+        let e = parse(&with(&short)).unwrap_err();
+        assert!(e.contains("at least 32"), "{e}");
+        let empty = dir.join("empty.key");
+        std::fs::write(&empty, "# no key yet\n").unwrap();
+        assert!(parse(&with(&empty)).unwrap_err().contains("no key"));
+        let good = dir.join("good.key");
+        std::fs::write(&good, format!("{}\n", "5a".repeat(32))).unwrap();
+        let c = parse(&with(&good)).expect("a good key file loads");
+        // `check` prints the effective config: the path, never the key.
+        let shown = serde_yaml::to_string(&c.effective()).unwrap();
+        assert!(
+            shown.contains("peerKeyFile:") && !shown.contains("5a5a"),
+            "{shown}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn find_line_block_and_flow() {
         assert_eq!(find_line(SEED, "address", "192.168.0.71", 0), Some(3));
         assert_eq!(find_line(SEED, "address", "192.168.0.71", 1), Some(26));
