@@ -343,6 +343,7 @@ impl Cluster {
                 contact: contact.clone(),
                 lease,
                 refusal_log: Default::default(),
+                frame_log: Default::default(),
                 limit_log: Default::default(),
                 auth_log: Default::default(),
                 keys: s.keys.clone(),

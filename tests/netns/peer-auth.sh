@@ -71,7 +71,7 @@ echo "#   holders seen: $(holders_seen rogue-b)"
 check "(b') peer's address, forged terms: no AppendEntries / Vote / FullSnapshot is answered" \
   bash -c "! grep -E ' (AppendEntries|Vote|FullSnapshot): HelloAck (AppendEntries|Vote|FullSnapshot)\$' '$WORK/rogue-b.out' | grep -q ."
 check "(b') peer's address: the refusal says why (term absurdly ahead)" \
-  log_since 1 "$m1" 'refusing AppendEntries from 10.88.0.12:.*absurdly ahead'
+  log_since 1 "$m1" 'refusing \(AppendEntries\|Vote\|FullSnapshot\) from 10.88.0.12:.*absurdly ahead'
 check "(b') peer's address: server1 held the VIP in every 10 ms sample" test "$(holders_seen rogue-b)" = "n1 "
 check "(b') peer's address: no agent exited" all_running
 

@@ -153,8 +153,10 @@ pub struct Server {
     /// openraft's follower lease (`election_timeout_max`): how long an accepted append
     /// makes this node deny pre-votes.
     pub lease: Duration,
-    /// Rate limit for lines about refused connections and bad frames.
+    /// Rate limit for lines about refused or garbled handshakes (before a peer is identified).
     pub refusal_log: LogRate,
+    /// Rate limit for lines about refused frames from identified peers (bounds, bad tags).
+    pub frame_log: LogRate,
     /// Rate limit for lines about connection limits.
     pub limit_log: LogRate,
     /// Rate limit for lines about failed authentication.
@@ -240,7 +242,7 @@ async fn serve_conn(sock: TcpStream, addr: SocketAddr, server: Arc<Server>) {
                 if matches!(e, FrameError::Auth(_)) {
                     counters::PEER_FRAMES_REFUSED.fetch_add(1, Ordering::Relaxed);
                 }
-                if let Some(held) = server.refusal_log.allow() {
+                if let Some(held) = server.frame_log.allow() {
                     log::warn!(
                         "closing raft connection from {remote}: {e}{}",
                         lograte::suppressed(held)
@@ -268,7 +270,7 @@ async fn handle_request(server: &Server, from: NodeId, req: Request, remote: &Re
     let ours = Ours::of(&raft.metrics().borrow());
     if let Err(e) = check_request(&req, ours, from) {
         counters::PEER_FRAMES_REFUSED.fetch_add(1, Ordering::Relaxed);
-        if let Some(held) = server.refusal_log.allow() {
+        if let Some(held) = server.frame_log.allow() {
             log::warn!(
                 "refusing {} from {remote} and closing the connection: {e}{}",
                 req.kind(),
