@@ -9,7 +9,9 @@
 //!                 ├─ transport/    peer TCP: codec, handshake, client, server, openraft adapter
 //!                 ├─ elections.rs  pre-vote, turn-taking, stand_if (openraft 0.9 has no pre-vote)
 //!                 ├─ gate.rs       no vote granted while this node's VIP may be up
+//!                 ├─ auth.rs       peerKeyFile: key proofs in the handshake, per-frame tags
 //!                 ├─ bounds.rs     terms and log ids refused before openraft sees them
+//!                 ├─ counters.rs   peer-channel counters (plain atomics, for the metrics work)
 //!                 ├─ lease.rs      Raft metrics → Leadership (the timing argument lives there)
 //!                 └─ openraft      elections, heartbeats, metrics
 //! ```

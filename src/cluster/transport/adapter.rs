@@ -1,5 +1,5 @@
 //! The openraft adapter: [`Network`] is openraft's network factory, [`PeerConnection`] its view
-//! of one peer; answers are checked against [`bounds`] before openraft sees them.
+//! of one peer; answers are checked against [`crate::cluster::bounds`] before openraft sees them.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -36,7 +36,7 @@ struct NetInner {
     /// Sleep after an `Unreachable` error before openraft retries that peer.
     backoff: Duration,
     clients: Mutex<HashMap<NodeId, HedgedClient>>,
-    /// Our Raft's metrics, once it runs: the reference point for checking answers ([`bounds`]).
+    /// Our Raft's metrics, once it runs: the reference point for checking answers ([`crate::cluster::bounds`]).
     metrics: OursSource,
     /// The keys of `peerKeyFile`, if set.
     keys: Option<Arc<KeyRing>>,
@@ -206,7 +206,7 @@ impl PeerConnection {
 }
 
 impl PeerConnection {
-    /// Checks an answer's terms and log ids against [`bounds`] (a forged or broken peer must
+    /// Checks an answer's terms and log ids against [`crate::cluster::bounds`] (a forged or broken peer must
     /// not hand openraft a term it would overflow on); logs and describes a violation.
     fn check_answer(
         &self,

@@ -1,7 +1,14 @@
 //! The wire codec: every frame is a `u32` big-endian payload length followed by that many bytes
 //! of JSON. Requests travel as [`Frame<Request>`], answers as [`Frame<Response>`]; the `id` of
 //! an answer repeats the id of the request it answers, so a client may send a request before
-//! the answer to the previous one has arrived.
+//! the answer to the previous one has arrived. With `peerKeyFile`, every frame after the
+//! handshake ends with a 32-byte tag inside that length ([`FrameMac`], see
+//! [`crate::cluster::auth`]); without it the bytes are exactly those of earlier releases.
+//!
+//! Why not tokio-util's `LengthDelimitedCodec`: it would put the same bytes on the wire; the
+//! reader here is 30 lines, keeps the frame's tag check and decoding in one function
+//! ([`decode_payload`], which the property tests drive without a socket), and needs no extra
+//! crate.
 //!
 //! A frame that is too long, truncated or not valid JSON closes that connection (with a log
 //! line naming the remote address and peer, its length bounded by [`clip`]), never the process.
@@ -45,9 +52,9 @@ pub struct Frame<T> {
 pub enum Request {
     /// First frame of a connection: protocol check and caller identity.
     Hello {
-        /// Must be [`PROTOCOL_MAGIC`].
+        /// Must be [`super::handshake::PROTOCOL_MAGIC`].
         magic: String,
-        /// Must be [`PROTOCOL_VERSION`].
+        /// Must be [`super::handshake::PROTOCOL_VERSION`] (or [`KEYED_VERSION`] with a key).
         version: u32,
         /// Node id of the caller.
         from: NodeId,

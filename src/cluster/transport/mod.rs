@@ -2,8 +2,8 @@
 //!
 //! | file            | what                                                                 |
 //! |-----------------|----------------------------------------------------------------------|
-//! | [`codec`]       | frames: length prefix + JSON, the message enums, bounded log text    |
-//! | [`handshake`]   | Hello / HelloAck: protocol version, who calls whom, from where       |
+//! | [`codec`]       | frames: length prefix + JSON (+ tag), the message enums, log text    |
+//! | [`handshake`]   | Hello / HelloAck (/ Auth / AuthOk with a key): version, identities   |
 //! | [`client`]      | per-peer tasks owning the outgoing connections, hedged calls         |
 //! | [`server`]      | accept with connection limits, answer requests checked by `bounds`   |
 //! | [`adapter`]     | openraft's `RaftNetworkFactory` / `RaftNetwork` on top of the client |

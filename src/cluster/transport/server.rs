@@ -38,7 +38,7 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most inbound Raft connections open at once; a new one beyond is closed at once.
 ///
 /// A peer keeps two (one per hedging lane), so a cluster of any sensible size needs a few
-/// dozen; unidentified connections last at most [`HANDSHAKE_TIMEOUT`].
+/// dozen; unidentified connections last at most [`super::handshake::HANDSHAKE_TIMEOUT`].
 pub const MAX_CONNS: usize = 128;
 
 /// Most inbound Raft connections from one source address; a new one beyond closes the oldest.
