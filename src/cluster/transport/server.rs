@@ -25,7 +25,7 @@ use crate::cluster::bounds::{self, Ours, OutOfBounds};
 use crate::cluster::counters;
 use crate::cluster::elections::LeaderContact;
 use crate::cluster::gate::VoteGate;
-use crate::cluster::lograte::{self, LogRate};
+use crate::cluster::lograte::{self, LogRate, PerSource};
 use crate::cluster::types::{NodeId, Raft};
 
 /// An inbound connection that carries no frame for this long is closed.
@@ -159,8 +159,8 @@ pub struct Server {
     pub frame_log: LogRate,
     /// Rate limit for lines about connection limits.
     pub limit_log: LogRate,
-    /// Rate limit for lines about failed authentication.
-    pub auth_log: LogRate,
+    /// Rate limit for lines about failed authentication, per source address.
+    pub auth_log: PerSource,
     /// The keys of `peerKeyFile`; `None`: unauthenticated, peers identified by address.
     pub keys: Option<KeyRing>,
 }
@@ -193,7 +193,7 @@ async fn serve_conn(sock: TcpStream, addr: SocketAddr, server: Arc<Server>) {
         match handshake::server_hello(&mut rd, &mut wr, addr, me, peers, keys).await {
             Ok(ok) => ok,
             Err(Refused::Auth(why)) => {
-                if let Some(held) = server.auth_log.allow() {
+                if let Some(held) = server.auth_log.allow(addr.ip()) {
                     log::warn!(
                         "refusing raft connection from {remote}: {why}{}",
                         lograte::suppressed(held)
