@@ -85,6 +85,11 @@ impl Ours {
 
     /// Checks a term named `what`.
     pub fn term(&self, what: &str, term: u64) -> Result<(), OutOfBounds> {
+        if term > MAX_TERM {
+            return Err(OutOfBounds(format!(
+                "{what}: term {term} is beyond the largest accepted (2^62)"
+            )));
+        }
         if term > self.max_term() {
             return Err(OutOfBounds(format!(
                 "{what}: term {term} is absurdly ahead of ours ({}; at most {} accepted)",
@@ -104,6 +109,12 @@ impl Ours {
     pub fn log_id(&self, what: &str, id: &Option<LogId<NodeId>>) -> Result<(), OutOfBounds> {
         let Some(id) = id else { return Ok(()) };
         self.term(what, id.leader_id.term)?;
+        if id.index > MAX_INDEX {
+            return Err(OutOfBounds(format!(
+                "{what}: log index {} is beyond the largest accepted (2^62)",
+                id.index
+            )));
+        }
         if id.index > self.max_index() {
             return Err(OutOfBounds(format!(
                 "{what}: log index {} is absurdly ahead of ours ({:?}; at most {} accepted)",
@@ -162,7 +173,8 @@ mod tests {
         assert!(high.term("t", MAX_TERM).is_ok());
         assert!(high.term("t", MAX_TERM + 1).is_err());
         assert!(ABSOLUTE.term("t", MAX_TERM).is_ok());
-        assert!(ABSOLUTE.term("t", u64::MAX).is_err());
+        let e = ABSOLUTE.term("vote", u64::MAX).unwrap_err();
+        assert!(e.0.contains("beyond the largest accepted (2^62)"), "{e}");
     }
 
     #[test]
