@@ -15,6 +15,8 @@
 #   ours kill       kill -9 of the leader, and its VIP deleted at once (a machine death)
 #   ours kill-keep  kill -9 only: the dead process's VIP stays until its 1 s lifetime runs out
 #   ours term       SIGTERM to the leader (planned handover)
+#   ours kill-key, term-key   the same two with peerKeyFile set (authenticated peer channel),
+#                   same run, so the cost of the key shows against the unkeyed numbers
 #   ka kill         kill -9 of the MASTER's keepalived processes, and its VIP deleted at once
 #   ka term         SIGTERM to the MASTER's keepalived (it sends a priority-0 advert)
 #   stability       5 % egress loss + a CPU hog in every node namespace, holders sampled each 10 ms
@@ -202,9 +204,9 @@ ka_pids() { # ka_pids I: keepalived's parent and VRRP child in node I's namespac
 fault() {
   local impl=$1 kind=$2 h=$3
   case $impl-$kind in
-    ours-kill) kill -KILL "${NODE_PID[$h]}"; nsx "${NODE_NS[$h]}" ip addr del "$VIP/32" dev eth0 ;;
+    ours-kill | ours-kill-key) kill -KILL "${NODE_PID[$h]}"; nsx "${NODE_NS[$h]}" ip addr del "$VIP/32" dev eth0 ;;
     ours-kill-keep) kill -KILL "${NODE_PID[$h]}" ;;
-    ours-term) kill -TERM "${NODE_PID[$h]}" ;;
+    ours-term | ours-term-key) kill -TERM "${NODE_PID[$h]}" ;;
     # A machine death: keepalived and the node's server stop at the same instant (SIGSTOP
     # first: the VRRP child gets SIGTERM when its parent dies and would still send its
     # priority-0 advert and remove the VIP, a planned handover), the VIP goes, then the kill.
@@ -217,7 +219,7 @@ fault() {
     ka-term) kill -TERM "${KA_PID[$h]}" ;;
   esac
   # Reap a killed process at once, so the restart below finds its slot free.
-  if [ "$kind" != term ]; then
+  if [ "${kind%-key}" != term ]; then
     if [ "$impl" = ours ]; then { wait "${NODE_PID[$h]}"; } 2>/dev/null || true; NODE_PID[h]=0
     else { wait "${KA_PID[$h]}"; } 2>/dev/null || true; KA_PID[h]=0; fi
   fi
@@ -362,6 +364,17 @@ stability ours "$STAB_S"
 for i in 1 2 3; do stop_node "$i" TERM; done
 for i in 1 2 3; do vip_gone "${NODE_NS[$i]}" || die "a stopped kube-vip left the VIP on n$i"; done
 
+log "kube-vip with peerKeyFile: three nodes"
+"$KUBE_VIP" sample key > "$WORK/peer.key"
+chmod 600 "$WORK/peer.key"
+for i in 1 2 3; do node_config "$i" "$TIMERS
+peerKeyFile: $WORK/peer.key"; start_node "$i"; done
+wait_until 10 steady 0.5 || die "keyed kube-vip cluster did not settle"
+series ours kill-key "$TRIALS"
+series ours term-key "$TRIALS"
+for i in 1 2 3; do stop_node "$i" TERM; done
+for i in 1 2 3; do vip_gone "${NODE_NS[$i]}" || die "a stopped kube-vip left the VIP on n$i"; done
+
 log "keepalived: three instances"
 # keepalived only moves the address: a stand-in server in each node namespace answers on
 # 0.0.0.0:6443 (so it answers on the VIP wherever the VIP is), same reply shape as the backends.
@@ -433,6 +446,8 @@ labels = {
     ("ours", "kill"): "kube-vip: kill -9 leader + VIP deleted (machine death)",
     ("ours", "kill-keep"): "kube-vip: kill -9 leader only (VIP left to expire)",
     ("ours", "term"): "kube-vip: SIGTERM leader (planned handover)",
+    ("ours", "kill-key"): "kube-vip + peerKeyFile: kill -9 leader + VIP deleted",
+    ("ours", "term-key"): "kube-vip + peerKeyFile: SIGTERM leader",
     ("ka", "kill"): "keepalived: kill -9 MASTER + VIP deleted",
     ("ka", "term"): "keepalived: SIGTERM MASTER (priority-0 advert)",
 }
@@ -464,6 +479,17 @@ for key, label in labels.items():
     outs = f"{pct(out, 50)} ({max(out)})" if out else "–"
     print(f"| {label} | {n} | {stats} | {outs} | {pct(rr, 50)} ({max(rr)}) | "
           f"{to_s} | {late} ({late_trials}) | {mh} |")
+print()
+def p50(kind):
+    v = [int(r[4]) for r in rows if (r[0], r[1]) == ("ours", kind) and r[4] != "NA"]
+    return pct(v, 50) if v else None
+
+
+for plain, keyed in (("kill", "kill-key"), ("term", "term-key")):
+    a, b = p50(plain), p50(keyed)
+    if a and b:
+        print(f"peerKeyFile cost, {plain}: restored p50 {a} ms without a key, {b} ms with one "
+              f"({(b - a) / a * 100:+.0f} %).")
 print()
 print("*Restored*: fault → end of the first answered connect started after the first failed one "
       "(a SIGTERMed leader still answers for a few ms). *Outage*: start of the first failed connect → "

@@ -59,6 +59,8 @@ pub enum Sample {
     Config(SampleConfigArgs),
     /// Print a static pod manifest for /etc/kubernetes/manifests.
     Manifest(SampleManifestArgs),
+    /// Print a fresh peer key (32 bytes from the OS's random source, hex) for `peerKeyFile`.
+    Key,
 }
 
 /// Flags of `sample config`, named as in kube-vip 0.1.
@@ -115,6 +117,10 @@ pub struct SampleManifestArgs {
     /// the first control-plane node, before the other nodes have joined.
     #[arg(long = "singleNode")]
     pub single_node: bool,
+    /// The node's peer key file (`peerKeyFile` in the config, e.g. /etc/kube-vip/peer.key):
+    /// mounted read-only at the same path in the pod.
+    #[arg(long = "peerKeyFile", value_name = "PATH")]
+    pub peer_key_file: Option<PathBuf>,
 }
 
 /// Flags of `start`.
@@ -204,6 +210,7 @@ pub fn sample_config(a: &SampleConfigArgs) -> Config {
         heartbeat_ms: None,
         election_timeout_min_ms: None,
         election_timeout_max_ms: None,
+        peer_key_file: None,
     }
 }
 
@@ -216,6 +223,17 @@ pub fn sample_manifest(a: &SampleManifestArgs) -> String {
         "\n    - --singleNode"
     } else {
         ""
+    };
+    // The peer key, if any: the same path inside the pod as on the host, read-only.
+    let (key_mount, key_volume) = match &a.peer_key_file {
+        None => (String::new(), String::new()),
+        Some(k) => (
+            format!("\n    - name: peer-key\n      mountPath: {}\n      readOnly: true", k.display()),
+            format!(
+                "\n  # The peer channel's shared key (peerKeyFile), mode 0600 on the host.\n  - name: peer-key\n    hostPath:\n      path: {}\n      type: File",
+                k.display()
+            ),
+        ),
     };
     format!(
         r#"# kube-vip static pod. Put it in /etc/kubernetes/manifests/ on each control-plane node
@@ -252,7 +270,7 @@ spec:
       mountPath: {DEFAULT_CONFIG_PATH}
       readOnly: true
     - name: state
-      mountPath: {state}
+      mountPath: {state}{key_mount}
   volumes:
   - name: config
     hostPath:
@@ -262,7 +280,7 @@ spec:
   - name: state
     hostPath:
       path: {state}
-      type: DirectoryOrCreate
+      type: DirectoryOrCreate{key_volume}
 "#,
         version = env!("CARGO_PKG_VERSION"),
     )
@@ -271,6 +289,27 @@ spec:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn manifest_mounts_the_peer_key_only_when_asked() {
+        let mut a = SampleManifestArgs {
+            image: "img".into(),
+            config: DEFAULT_CONFIG_PATH.into(),
+            single_node: false,
+            peer_key_file: None,
+        };
+        assert!(!sample_manifest(&a).contains("peer-key"));
+        a.peer_key_file = Some("/etc/kube-vip/peer.key".into());
+        let m = sample_manifest(&a);
+        assert!(
+            m.contains("mountPath: /etc/kube-vip/peer.key\n      readOnly: true"),
+            "{m}"
+        );
+        assert!(
+            m.contains("path: /etc/kube-vip/peer.key\n      type: File"),
+            "{m}"
+        );
+    }
 
     #[test]
     fn peers_and_backends_parse() {

@@ -12,8 +12,11 @@ use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::cluster::lease;
 
 /// Gratuitous ARP / unsolicited NA rounds sent when a node takes the VIP.
 pub const DEFAULT_ARP_BURST_COUNT: u32 = 5;
@@ -34,7 +37,7 @@ pub const DEFAULT_HEARTBEAT_MS: u64 = 20;
 /// that two followers rarely stand at the same moment (split votes cost a whole round).
 pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 40;
 /// Upper bound of the randomised Raft election timeout; also the followers' leader lease, so
-/// the VIP lease is this minus a margin (see `agent::leadership`).
+/// the VIP lease is this minus a margin (see `cluster::lease`).
 pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 120;
 /// How long the load balancer waits for one backend to accept a connection.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1000;
@@ -212,6 +215,11 @@ pub struct Config {
     /// Raft election timeout upper bound, ms (default [`DEFAULT_ELECTION_TIMEOUT_MAX_MS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub election_timeout_max_ms: Option<u64>,
+    /// File with the shared key(s) authenticating the peer channel (one per line, hex or
+    /// base64, at least 32 bytes; the first signs, all are accepted). Unset: the peer channel
+    /// is unauthenticated and peers are identified by address only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_key_file: Option<PathBuf>,
 }
 
 /// A configuration that could not be loaded; the message names the file, field and line.
@@ -322,6 +330,12 @@ impl Config {
         c
     }
 
+    /// A warning about `peerKeyFile` (e.g. readable by others), for `check`.
+    pub fn peer_key_warning(&self) -> Option<String> {
+        let path = self.peer_key_file.as_ref()?;
+        crate::cluster::auth::KeyRing::load(path).ok()?.1
+    }
+
     /// All peers, the local one first.
     pub fn all_peers(&self) -> impl Iterator<Item = &Peer> {
         self.local_peer.iter().chain(self.remote_peers.iter())
@@ -331,6 +345,11 @@ impl Config {
     /// Returns one message per problem; empty means valid.
     pub fn validate(&self, text: &str) -> Vec<String> {
         let mut p = Vec::new();
+        if let Some(path) = &self.peer_key_file {
+            if let Err(e) = crate::cluster::auth::KeyRing::load(path) {
+                p.push(format!("{e}{}", at_in_top(text, "peerKeyFile")));
+            }
+        }
         // " (line N)" for the nth `key: value` inside top-level `section` ("" = whole file).
         let at_in = |section: &str, key: &str, value: &str, nth: usize| -> String {
             match find_line_in(text, section, key, value, nth) {
@@ -494,18 +513,33 @@ impl Config {
                 "heartbeatMs ({hb}) must be less than electionTimeoutMinMs ({min}), or followers time out between heartbeats"
             ));
         }
-        // The VIP lease is max − max(2·hb, 25 ms); openraft heartbeats every 1.5·hb. A lease
-        // shorter than two of those would drop the VIP whenever one heartbeat is late.
-        let lease = max.saturating_sub((2 * hb).max(25));
+        // openraft heartbeats every 1.5·hb: a VIP lease (cluster::lease) shorter than two of
+        // those would drop the VIP whenever one heartbeat is late.
+        let ms = |d: Duration| d.as_millis() as u64;
+        let lease = ms(lease::vip_lease(
+            Duration::from_millis(hb),
+            Duration::from_millis(max),
+        ));
         if hb > 0 && lease < 3 * hb {
             p.push(format!(
                 "electionTimeoutMaxMs ({max}) is too short for heartbeatMs ({hb}): the VIP lease would be {lease} ms, less than two heartbeats ({} ms); use at least {}",
                 3 * hb,
-                3 * hb + (2 * hb).max(25)
+                3 * hb + ms(lease::lease_margin(Duration::from_millis(hb)))
             ));
         }
         p
     }
+}
+
+/// " (line N)" of top-level key `key`, or nothing.
+fn at_in_top(text: &str, key: &str) -> String {
+    text.lines()
+        .position(|l| {
+            l.strip_prefix(key)
+                .is_some_and(|r| r.trim_start().starts_with(':'))
+        })
+        .map(|n| format!(" (line {})", n + 1))
+        .unwrap_or_default()
 }
 
 /// Like [`find_line`], but only inside the block of top-level key `section` (from its line to
@@ -582,6 +616,37 @@ mod tests {
         assert_eq!(c.load_balancers[0].backends.len(), 3);
         assert_eq!(c.load_balancers[0].kind, LbType::Tcp);
         assert_eq!(c.heartbeat_ms(), DEFAULT_HEARTBEAT_MS);
+    }
+
+    #[test]
+    fn peer_key_file_errors_name_the_field_and_line() {
+        let dir = std::env::temp_dir().join(format!("kv-config-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let with = |path: &Path| format!("{SEED}peerKeyFile: {}\n", path.display());
+        let missing = dir.join("missing.key");
+        let e = parse(&with(&missing)).unwrap_err();
+        assert!(
+            e.contains("peerKeyFile") && e.contains("cannot read"),
+            "{e}"
+        );
+        assert!(e.contains("(line "), "{e}");
+        let short = dir.join("short.key");
+        std::fs::write(&short, "abcd\n").unwrap();
+        let e = parse(&with(&short)).unwrap_err();
+        assert!(e.contains("at least 32"), "{e}");
+        let empty = dir.join("empty.key");
+        std::fs::write(&empty, "# no key yet\n").unwrap();
+        assert!(parse(&with(&empty)).unwrap_err().contains("no key"));
+        let good = dir.join("good.key");
+        std::fs::write(&good, format!("{}\n", "5a".repeat(32))).unwrap();
+        let c = parse(&with(&good)).expect("a good key file loads");
+        // `check` prints the effective config: the path, never the key.
+        let shown = serde_yaml::to_string(&c.effective()).unwrap();
+        assert!(
+            shown.contains("peerKeyFile:") && !shown.contains("5a5a"),
+            "{shown}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

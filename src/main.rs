@@ -8,12 +8,9 @@ mod lb;
 mod shutdown;
 mod vip;
 
-use std::collections::HashMap;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Parser;
 use log::{error, info};
@@ -47,6 +44,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Sample(Sample::Config(a)) => print_yaml(&cli::sample_config(&a)),
+        Command::Sample(Sample::Key) => {
+            println!("{}", cluster::auth::sample_key());
+            ExitCode::SUCCESS
+        }
         Command::Sample(Sample::Manifest(a)) => {
             print!("{}", cli::sample_manifest(&a));
             ExitCode::SUCCESS
@@ -54,6 +55,9 @@ fn main() -> ExitCode {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
                 eprintln!("{}: OK", config.display());
+                if let Some(w) = c.peer_key_warning() {
+                    eprintln!("warning: {w}");
+                }
                 print_yaml(&c.effective())
             }
             Err(e) => {
@@ -157,6 +161,16 @@ async fn run_clustered(
         id: p.id.clone(),
         addr: p.socket_addr(),
     };
+    let keys = match &config.peer_key_file {
+        None => None,
+        Some(path) => {
+            let (keys, warning) = cluster::auth::KeyRing::load(path)?;
+            if let Some(w) = warning {
+                log::warn!("{w}");
+            }
+            Some(keys)
+        }
+    };
     let settings = cluster::ClusterSettings {
         local: peer(&local),
         remotes: config.remote_peers.iter().map(peer).collect(),
@@ -165,6 +179,7 @@ async fn run_clustered(
         election_timeout_min_ms: config.election_timeout_min_ms(),
         election_timeout_max_ms: config.election_timeout_max_ms(),
         state_dir: config.state_dir(),
+        keys,
     };
     let gate = Arc::new(cluster::VoteGate::default());
     let cluster = cluster::Cluster::start(settings, gate.clone()).await?;
@@ -175,27 +190,12 @@ async fn run_clustered(
         config.remote_peers.len(),
         config.state_dir().display()
     );
-    let addrs: HashMap<cluster::NodeId, SocketAddr> = config
-        .all_peers()
-        .map(|p| (cluster::node_id(&p.id), p.socket_addr()))
-        .collect();
-    let lease = agent::leadership::vip_lease(
-        Duration::from_millis(config.heartbeat_ms()),
-        Duration::from_millis(config.election_timeout_max_ms()),
-    );
-    let (role_tx, role_rx) = watch::channel(Leadership::now(Role::Follower));
-    let follower = tokio::spawn(agent::leadership::follow(
-        cluster.metrics(),
-        lease,
-        role_tx,
-        move |id| addrs.get(&id).copied(),
-    ));
+    let role_rx = cluster.leadership();
     let result = agent::run(config, disable_vip, role_rx, Some(gate), shutdown).await;
     // The agent has removed the VIP by now, so a successor may take it at once.
     if let Err(e) = cluster.hand_over_and_shutdown().await {
         error!("handover: {e}");
     }
-    follower.abort();
     result?;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The last check before the agent takes the VIP: does anyone on the link still answer for it?
 //!
-//! Raft and the lease (see [`super::leadership`]) decide who is *entitled* to the VIP. This
+//! Raft and the lease (see [`crate::cluster::lease`]) decide who is *entitled* to the VIP. This
 //! check catches a node that holds it anyway:
 //! - an old leader whose process is starved of CPU past the end of its lease: its lease timer
 //!   has not run yet, but its kernel answers the probe. We wait until the address is gone.

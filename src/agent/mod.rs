@@ -1,7 +1,7 @@
 //! The one place where leadership becomes VIP and load-balancer actions.
 //!
-//! The agent watches a [`Role`] signal — constant `Leader` in single-node mode, fed from Raft
-//! metrics by [`leadership::follow`] otherwise — and converges on it:
+//! The agent watches a [`Role`] signal — constant `Leader` in single-node mode, the cluster's
+//! lease-based signal ([`crate::cluster::lease`]) otherwise — and converges on it:
 //! - `Leader`: add the VIP, announce it, then start the `bindToVip` load balancers;
 //! - `Lapsed`: remove the VIP, keep the load balancers and their connections;
 //! - `Follower`: remove the VIP, then stop the `bindToVip` load balancers and their connections
@@ -16,7 +16,6 @@
 //! [`RETRY_INTERVAL`]; giving up would leave a leader without a VIP for good.
 
 pub mod claim;
-pub mod leadership;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -26,6 +25,7 @@ use log::{error, info, warn};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+pub use crate::cluster::{Leadership, Role};
 use crate::cluster::{StaleLeadership, VoteGate};
 use crate::config::Config;
 use crate::lb::{self, ListenError, RunningLb};
@@ -55,47 +55,6 @@ impl Next {
         } else {
             Next::RetryIn(RETRY_INTERVAL)
         }
-    }
-}
-
-/// What this node may do with the VIP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Entitled to hold the VIP: no other node can legitimately hold it now.
-    Leader,
-    /// Raft leader whose lease lapsed: must not hold the VIP, but keeps its listeners and
-    /// their connections, which work again if the lease comes back before leadership goes.
-    Lapsed,
-    /// Must not hold the VIP: another node may hold it, or we cannot tell.
-    Follower,
-}
-
-/// A role and when it was decided: the time the Raft metrics it is based on arrived.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Leadership {
-    /// What this node may do.
-    pub role: Role,
-    /// When the decision's evidence arrived; a vote granted later makes it stale.
-    pub as_of: Instant,
-    /// When a `Leader` role ends unless renewed (the end of the lease); `None`: never (single
-    /// node). Updated with every renewal without waking the agent, so the agent can check it
-    /// just before taking the VIP, whether or not the lease timer has run yet.
-    pub until: Option<Instant>,
-}
-
-impl Leadership {
-    /// A role decided now.
-    pub fn now(role: Role) -> Leadership {
-        Leadership {
-            role,
-            as_of: Instant::now(),
-            until: None,
-        }
-    }
-
-    /// Whether this allows holding the VIP at `now`.
-    pub fn may_hold(&self, now: Instant) -> bool {
-        self.role == Role::Leader && self.until.is_none_or(|u| u > now)
     }
 }
 

@@ -1,115 +1,57 @@
 //! Leader election for kube-vip over Raft (openraft 0.9.25, storage-v2).
 //!
-//! The cluster replicates no application data; it only decides which node is
-//! leader, i.e. which node may hold the virtual IP.
+//! The cluster replicates no application data; it only decides which node is leader, and
+//! hands the agent a ready "may hold the VIP" signal ([`lease`]). Leadership flows one way:
+//! cluster → agent → vip/lb.
 //!
 //! ```text
-//! Cluster::start ─┬─ store.rs    vote + log + snapshot files in state_dir (fsync'd)
-//!                 ├─ network.rs  TCP listener + one outgoing connection per peer
-//!                 └─ openraft    elections, heartbeats, metrics
+//! Cluster::start ─┬─ store.rs      vote + log + snapshot files in state_dir (fsync'd off the workers)
+//!                 ├─ transport/    peer TCP: codec, handshake, client, server, openraft adapter
+//!                 ├─ elections.rs  pre-vote, turn-taking, stand_if (openraft 0.9 has no pre-vote)
+//!                 ├─ gate.rs       no vote granted while this node's VIP may be up
+//!                 ├─ auth.rs       peerKeyFile: key proofs in the handshake, per-frame tags
+//!                 ├─ bounds.rs     terms and log ids refused before openraft sees them
+//!                 ├─ counters.rs   peer-channel counters (plain atomics, for the metrics work)
+//!                 ├─ lease.rs      Raft metrics → Leadership (the timing argument lives there)
+//!                 └─ openraft      elections, heartbeats, metrics
 //! ```
-//!
-//! # What the VIP agent must watch
-//!
-//! openraft 0.9.25 has **no step-down on lost quorum**: a leader cut off from
-//! the majority stays in `ServerState::Leader` until it hears of a higher term,
-//! i.e. until the partition heals. `state == Leader` alone is therefore not a
-//! licence to hold the VIP. Watch [`Cluster::metrics`] and hold the VIP only while
-//!
-//! ```text
-//! m.state == ServerState::Leader
-//!   && m.millis_since_quorum_ack.is_some_and(|ms| ms + since_received_ms < VIP_LEASE_MS)
-//! ```
-//!
-//! where `since_received_ms` is the time since that metrics value arrived on
-//! the watch channel. Drop the VIP *before* calling
-//! [`Cluster::hand_over_and_shutdown`].
-//!
-//! Semantics of `RaftMetrics::millis_since_quorum_ack` in 0.9.25 (read from
-//! `RaftCore::report_metrics`, `Leader::last_quorum_acked_time` and
-//! `ReplicationCore::send_log_entries`, then measured with `check.sh`):
-//!
-//! * `None` on followers, candidates and learners, and on a new leader until
-//!   a quorum has acknowledged one of its AppendEntries (vote replies do not
-//!   count). Treat `None` as "no lease".
-//! * Otherwise: milliseconds since the *send time* of the most recent
-//!   AppendEntries (heartbeat or log) that a quorum has acknowledged, the
-//!   leader counting itself.
-//! * It is a snapshot taken when openraft publishes metrics, not a live clock.
-//!   openraft publishes after every event it handles, so at least on every
-//!   timer tick (`heartbeat_interval * 3/2`, 75 ms by default, which is also the
-//!   real heartbeat period) and right after each acknowledgement. Measured
-//!   with the defaults: healthy values 0–76 ms (usually 0–1: published just
-//!   after an ack); with the leader isolated it grows with wall time (228 ms
-//!   at +250 ms, ~3000 ms at +3 s) while `state` stays `Leader`. If no metrics
-//!   arrive for a few ticks (RaftCore stuck), the last value goes stale; hence
-//!   `since_received_ms` above.
-//!
-//! Choosing `VIP_LEASE_MS`: a follower refuses to vote for anyone for
-//! `election_timeout_max` after the last heartbeat it accepted. This is
-//! openraft's follower-side *leader lease* (`Engine::handle_vote_req`); its
-//! length is the `election_timeout_max` config field. A follower holding a
-//! committed vote also waits `election_timeout_max` + its random election
-//! timeout before it stands itself. Any majority that elects a new leader
-//! includes a node that acknowledged our last quorum-acked heartbeat (or
-//! includes us, and then we have already stepped down). So no other node can
-//! become leader earlier than `election_timeout_max` after the send time that
-//! `millis_since_quorum_ack` counts from. Drop the VIP well before that, e.g.
-//! `VIP_LEASE_MS = election_timeout_max - 2 * heartbeat_interval` (200 ms with
-//! the defaults). That is above the healthy 76 ms, and leaves 100 ms to remove
-//! the address. Longer election timeouts widen both margins.
 //!
 //! # Leadership transfer
 //!
 //! openraft 0.9.25 has no `transfer_leader` and no TimeoutNow message. It has
-//! `raft.trigger().elect()`: start an election now, even while
-//! `enable_elect(false)`. [`Cluster::hand_over_and_shutdown`] builds a
-//! handover on top of it. The leader asks an up-to-date follower, through our
-//! own [`network::Request::Handover`], to call `trigger().elect()`. The
-//! follower lease above makes the *other* followers refuse that candidate,
-//! but the old leader grants it. A leader stamps its own vote when it wins and
-//! never refreshes that stamp, so its lease check has expired once it has led
-//! for `election_timeout_max`. In a 3-node cluster the old leader's vote plus
-//! the candidate's own make a majority: measured 3–26 ms from SIGTERM to the
-//! new leader, mostly vote fsyncs. A leader younger than
-//! `election_timeout_max` first waits out its own lease (measured: 305 ms
-//! when it had led for 24 ms). Without that wait the candidate's first round
-//! fails and it retries after its election timeout (up to ~465 ms). With 5 or
-//! more voters the candidate also needs followers whose lease has run out, so
-//! the handover can take up to `election_timeout_max` longer. Heartbeats are
-//! stopped first so that those leases start running out at once.
+//! `raft.trigger().elect()`: start an election now, even while `enable_elect(false)`.
+//! [`Cluster::hand_over_and_shutdown`] builds a handover on top of it. The leader asks an
+//! up-to-date follower, through our own [`transport::codec::Request::Handover`], to call
+//! `trigger().elect()`. The follower lease (see [`lease`]) makes the *other* followers refuse
+//! that candidate, but the old leader grants it. A leader stamps its own vote when it wins and
+//! never refreshes that stamp, so its lease check has expired once it has led for
+//! `election_timeout_max`. In a 3-node cluster the old leader's vote plus the candidate's own
+//! make a majority: measured 3–26 ms from SIGTERM to the new leader, mostly vote fsyncs. A
+//! leader younger than `election_timeout_max` first waits out its own lease (measured: 305 ms
+//! when it had led for 24 ms). With 5 or more voters the candidate also needs followers whose
+//! lease has run out, so the handover can take up to `election_timeout_max` longer. Heartbeats
+//! are stopped first so that those leases start running out at once.
 //!
 //! # Restarts
 //!
-//! * A node restarted with state never re-initializes, even with
-//!   `start_as_leader`.
-//! * openraft restores a node whose saved vote is its own committed vote
-//!   directly as `Leader`. We demote that vote to uncommitted on load
-//!   ([`store::LogStore::demote_own_leader_vote`]), so the node comes back as a
-//!   follower and does not briefly claim leadership.
-//! * openraft 0.9 has no pre-vote: a node that times out bumps the term and a
-//!   healthy leader steps down when it sees it. Elections are therefore off
-//!   unless a quorum answers our own pre-vote with yes ([`probe_pre_votes`]);
-//!   a restarted node, a healed old leader or a follower that lost a few
-//!   heartbeats cannot depose a leader the others still hear from. The
-//!   transport retries unreachable peers every heartbeat interval instead of
-//!   openraft's default 500 ms, and hedges each call over two connections.
-//! * openraft 0.9 draws each node's random election timeout once, at start,
-//!   so two candidates that split a vote tend to split every following one
-//!   as well. A candidate therefore does not use openraft's timer: if its
-//!   election is undecided after a timeout drawn afresh for each term, it
-//!   stands again ([`guard_elections`]).
-//! * For the same reason the first candidacy after a leader goes silent does
-//!   not wait for openraft's timer (lease + that fixed timeout, up to
-//!   `election_timeout_max` after a quorum would already vote): the nodes
-//!   that may stand take turns by node id, `election_timeout_min` apart
-//!   ([`guard_elections`]).
-//! * A node refuses every vote for `election_timeout_max` after it starts, and
-//!   while its VIP may be up ([`gate`]).
+//! * A node restarted with state never re-initializes, even with `start_as_leader`.
+//! * openraft restores a node whose saved vote is its own committed vote directly as
+//!   `Leader`. We demote that vote to uncommitted on load
+//!   ([`store::LogStore::demote_own_leader_vote`]), so the node comes back as a follower.
+//! * Elections are off unless a quorum answers our own pre-vote with yes, and candidates
+//!   stand on their own fresh random timers and take turns by node id ([`elections`]).
+//! * A node refuses every vote for `election_timeout_max` after it starts, and while its VIP
+//!   may be up ([`gate`]).
 
+pub mod auth;
+pub mod bounds;
+pub mod counters;
+pub mod elections;
 pub mod gate;
-pub mod network;
+pub mod lease;
+pub mod lograte;
 pub mod store;
+pub mod transport;
 pub mod types;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -126,11 +68,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use self::gate::{StaleLeadership, VoteGate};
+pub use self::lease::{Leadership, Role};
 pub use self::store::StoreError;
 pub use self::types::{node_id, Metrics, Node, NodeId, PeerInfo, Raft};
 
-use self::network::{Network, PeerMap};
+use self::elections::{guard_elections, probe_pre_votes, LeaderContact};
 use self::store::{LogStore, StateMachineStore};
+use self::transport::{Network, PeerMap};
 
 /// Lock file in the state directory: one process per state directory.
 pub const LOCK_FILE: &str = "LOCK";
@@ -163,252 +107,6 @@ async fn watch_leadership(mut rx: watch::Receiver<Metrics>, since: Arc<Mutex<Opt
             return;
         }
     }
-}
-
-/// openraft 0.9 has no pre-vote: a follower that misses heartbeats bumps the term, and that
-/// higher term deposes a healthy leader the moment it is seen (a partition heals, a restarted
-/// node reconnects slowly, a few heartbeats are lost). So elections stay switched off, and
-/// [`guard_elections`] switches them on only while a quorum (this node included) answers a
-/// [`network::Request::PreVote`] with yes — which peers do only when they have not heard from
-/// a leader for a whole lease either. This task asks: rounds start once this node has not heard
-/// from a leader for half a lease, every `tick`, so by the time openraft's own timer fires
-/// (lease + random timeout after the last heartbeat) a real failover has already been cleared
-/// to proceed. It publishes the answer on `tx`; a round waits for at most `lease / 2`, which is
-/// why it runs apart from [`guard_elections`].
-async fn probe_pre_votes(
-    raft: Raft,
-    network: Network,
-    others: Vec<NodeId>,
-    contact: network::LeaderContact,
-    tick: Duration,
-    lease: Duration,
-    tx: watch::Sender<bool>,
-) {
-    let members = others.len() + 1;
-    let quorum = members / 2 + 1;
-    let mut every = tokio::time::interval(tick);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
-        let (leader, last_log_index) = {
-            let m = raft.metrics();
-            let m = m.borrow();
-            (m.state == ServerState::Leader, m.last_log_index)
-        };
-        let yes = if leader || contact.age() < lease / 2 {
-            false
-        } else {
-            let asks = others
-                .iter()
-                .map(|id| network.send_pre_vote(*id, last_log_index, lease / 2));
-            let granted = futures::future::join_all(asks)
-                .await
-                .into_iter()
-                .filter(|granted| *granted)
-                .count();
-            1 + granted >= quorum
-        };
-        tx.send_if_modified(|v| std::mem::replace(v, yes) != yes);
-    }
-}
-
-/// A duration drawn uniformly from `[min, max]`, fresh on every call.
-///
-/// `RandomState` is seeded from the OS once per thread and then stepped for each new value,
-/// so each hasher hashes with different keys; the clock is mixed in as well. Plenty for
-/// election jitter, and no extra crate.
-fn random_between(min: Duration, max: Duration) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    h.write_u128(now.map(|d| d.as_nanos()).unwrap_or_default());
-    let span = max.saturating_sub(min).as_micros() as u64;
-    min + Duration::from_micros(h.finish() % (span + 1))
-}
-
-/// Owns openraft's `elect` switch, and restarts an undecided election at a fresh random time.
-///
-/// The switch is on while [`probe_pre_votes`] says a quorum would vote, except while this node
-/// is a candidate. Why the exception: openraft 0.9.25 draws its random election timeout once,
-/// when the node starts (`EngineConfig::new`), and checks it only on its timer tick
-/// (`heartbeat_interval * 3/2`, 30 ms with the defaults), so a node re-stands every 2, 3 or 4
-/// ticks after its last candidacy, always the same number. When both survivors of a failover
-/// stand in the same term, each has voted for itself and refuses the other; if they also
-/// re-stand after the same number of ticks (about one chance in three), they collide again
-/// every round until their timers drift apart: measured 100 ms to 4.4 s without a leader,
-/// in about one kill -9 failover in eight. So while this node is a candidate openraft's timer
-/// is off, and if the election has not ended after `random_between(timeout_min, timeout_max)`,
-/// drawn anew for each term, this task starts the next one (`trigger().elect()`), still only
-/// while a quorum would vote.
-///
-/// Safety: this changes only when a candidate stands again, never who may vote or how (vote
-/// gate, persisted vote, startup refusal, follower lease all stay). The one vote the lease
-/// argument (`agent::leadership`) could be hurt by is the candidate's vote for itself: a node
-/// must not stand within `lease` of acknowledging a leader's heartbeat, which openraft's timer
-/// ensures by waiting lease + timeout after a committed vote. `trigger().elect()` checks
-/// nothing, so the restart checks it here, in an order no message can slip into: under the
-/// [`VoteGate`] lock (no vote granted since it stood, so no winner to depose) and
-/// [`network::LeaderContact::unless_heard_within`] (no append or snapshot accepted for
-/// `lease`, and none accepted until the election command is queued, ahead of any later one),
-/// and only if the metrics still show it a candidate in the same term.
-///
-/// The first candidacy after a leader goes silent is not left to openraft's timer either: it
-/// fires lease + that fixed timeout after the last heartbeat, up to `timeout_max` after a
-/// quorum would already vote. When elections are switched on, the nodes that may stand (all
-/// but the silent leader) take turns by node id, `timeout_min` apart (40 ms by default, well
-/// over a vote round trip with its fsync): the first stands at once, the next only if no leader
-/// has appeared by then. Both survivors switch on within a pre-vote round (one heartbeat
-/// interval, shorter than `timeout_min`) of each other, so their turns do not collide. The same checks
-/// as for a restart apply (a follower still, no vote granted since the leader was last heard,
-/// no leader's append accepted for a lease); openraft's own timer stays on as the fallback.
-#[allow(clippy::too_many_arguments)]
-async fn guard_elections(
-    raft: Raft,
-    gate: Arc<VoteGate>,
-    mut would_win: watch::Receiver<bool>,
-    contact: network::LeaderContact,
-    members: Vec<NodeId>,
-    lease: Duration,
-    timeout_min: Duration,
-    timeout_max: Duration,
-) {
-    let mut metrics = raft.metrics();
-    let mut switch_on = false;
-    let mut quorum_would_vote = false;
-    // The term this node stands in, since when, and when to stand again (None: done that).
-    let mut standing: Option<(u64, Instant, Option<Instant>)> = None;
-    // When this follower takes its turn to stand first, and its place in the order.
-    let mut first_stand: Option<(Instant, usize)> = None;
-    loop {
-        let candidate_term = {
-            let m = metrics.borrow_and_update();
-            (m.state == ServerState::Candidate).then_some(m.current_term)
-        };
-        let want = *would_win.borrow_and_update();
-        if want != quorum_would_vote {
-            quorum_would_vote = want;
-            first_stand = None;
-            if want {
-                let m = metrics.borrow();
-                if m.state == ServerState::Follower {
-                    let turn = first_stand_turn(&members, m.id, m.current_leader);
-                    first_stand = Some((Instant::now() + timeout_min * turn as u32, turn));
-                }
-            }
-            if want {
-                log::info!(
-                    "no leader heard for {} ms and a quorum would vote: elections enabled",
-                    contact.age().as_millis()
-                );
-            } else {
-                log::debug!("elections disabled: a leader is known");
-            }
-        }
-        standing = match (candidate_term, standing) {
-            (Some(t), Some(s)) if s.0 == t => Some(s),
-            (Some(t), _) => {
-                let now = Instant::now();
-                Some((t, now, Some(now + random_between(timeout_min, timeout_max))))
-            }
-            (None, _) => None,
-        };
-        let on = quorum_would_vote && standing.is_none();
-        if on != switch_on {
-            raft.runtime_config().elect(on);
-            switch_on = on;
-        }
-        let restart_at = standing
-            .and_then(|(_, _, at)| at)
-            .filter(|_| quorum_would_vote);
-        tokio::select! {
-            changed = metrics.changed() => if changed.is_err() { return },
-            changed = would_win.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep_until(first_stand.map_or_else(Instant::now, |f| f.0).into()),
-                if first_stand.is_some() && standing.is_none() =>
-            {
-                let turn = first_stand.take().map_or(0, |f| f.1);
-                let silent_for = contact.age();
-                let since = Instant::now().checked_sub(silent_for).unwrap_or_else(Instant::now);
-                // No vote granted since the leader went silent (someone else stands already).
-                let stood = stand_if(&raft, &gate, &contact, lease, since, |m| {
-                    m.state == ServerState::Follower
-                })
-                .await;
-                match stood {
-                    Some(Ok(())) => log::info!(
-                        "no leader heard for {} ms: standing (turn {turn})",
-                        silent_for.as_millis()
-                    ),
-                    Some(Err(e)) => log::warn!("cannot start an election: {e}"),
-                    // A vote or a leader came first; openraft's timer remains the fallback.
-                    None => {}
-                }
-            }
-            _ = tokio::time::sleep_until(restart_at.unwrap_or_else(Instant::now).into()),
-                if restart_at.is_some() =>
-            {
-                if let Some((term, since, at)) = standing.as_mut() {
-                    let (term, since) = (*term, *since);
-                    // Stand again only as openraft's own timer would, checked and done with
-                    // nothing accepted in between (see `VoteGate::unless_granted_since` and
-                    // `LeaderContact::unless_heard_within`): still a candidate in that term, no
-                    // vote granted since (a grant restarts openraft's timer, and standing now
-                    // would depose the winner), no leader's append accepted for a lease (our own
-                    // vote must respect the lease a heartbeat we acknowledged gave its leader).
-                    let stood = stand_if(&raft, &gate, &contact, lease, since, |m| {
-                        m.state == ServerState::Candidate && m.current_term == term
-                    })
-                    .await;
-                    *at = None;
-                    match stood {
-                        Some(Ok(())) => log::info!(
-                            "election for term {term} undecided after {} ms: standing again",
-                            since.elapsed().as_millis()
-                        ),
-                        Some(Err(e)) => log::warn!("cannot restart the election: {e}"),
-                        // Not now; if nothing changes, try again after another random wait.
-                        None => *at = Some(Instant::now() + random_between(timeout_min, timeout_max)),
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Starts an election (`trigger().elect()`) if `still` holds for the current metrics, no vote
-/// was granted to another node at or after `since`, and no leader's append or snapshot was
-/// accepted for `lease`; all checked and done with no grant and no append in between. `None`:
-/// not done.
-async fn stand_if(
-    raft: &Raft,
-    gate: &VoteGate,
-    contact: &network::LeaderContact,
-    lease: Duration,
-    since: Instant,
-    still: impl Fn(&Metrics) -> bool,
-) -> Option<Result<(), openraft::error::Fatal<NodeId>>> {
-    gate.unless_granted_since(
-        since.into(),
-        contact.unless_heard_within(lease, async {
-            if still(&raft.metrics().borrow()) {
-                Some(raft.trigger().elect().await)
-            } else {
-                None
-            }
-        }),
-    )
-    .await
-    .flatten()
-    .flatten()
-}
-
-/// This node's turn to stand first: its place, by node id, among the members other than the
-/// last known leader.
-fn first_stand_turn(members: &[NodeId], me: NodeId, last_leader: Option<NodeId>) -> usize {
-    members
-        .iter()
-        .filter(|&&id| id < me && Some(id) != last_leader)
-        .count()
 }
 
 /// Errors of the cluster module.
@@ -462,6 +160,8 @@ pub struct ClusterSettings {
     pub election_timeout_max_ms: u64,
     /// Directory for the vote, log and snapshot files (created if missing).
     pub state_dir: PathBuf,
+    /// The keys of `peerKeyFile`; `None`: the peer channel is unauthenticated.
+    pub keys: Option<auth::KeyRing>,
 }
 
 impl ClusterSettings {
@@ -536,6 +236,10 @@ pub struct Cluster {
     /// Switches openraft's elections on only while a pre-vote would win, and restarts
     /// undecided elections (see [`guard_elections`]).
     guard: JoinHandle<()>,
+    /// The "may hold the VIP" signal for the agent (see [`lease`]).
+    leadership: watch::Receiver<Leadership>,
+    /// Feeds `leadership` from the Raft metrics.
+    lease_task: JoinHandle<()>,
     /// Held for the life of the node; the OS releases the lock if we die.
     _lock: File,
 }
@@ -598,11 +302,24 @@ impl Cluster {
                     source,
                 })?;
 
+        match &s.keys {
+            Some(k) => log::info!(
+                "peer channel authenticated with peerKeyFile ({} key(s) accepted)",
+                k.len()
+            ),
+            None => log::warn!(
+                "peer channel is NOT authenticated: anyone who can reach {} from a peer's address \
+                 can speak Raft. Set peerKeyFile (make a key with `kube-vip sample key`, copy it \
+                 to every node) or firewall the Raft port to the peers' addresses",
+                s.local.addr
+            ),
+        }
         let network = Network::new(
             me,
             s.local.addr.ip(),
             peers.clone(),
             Duration::from_millis(s.heartbeat_ms),
+            s.keys.clone().map(Arc::new),
         );
         let raft = Raft::new(
             me,
@@ -613,12 +330,13 @@ impl Cluster {
         )
         .await
         .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        network.set_metrics(raft.metrics());
 
-        let contact = network::LeaderContact::new();
+        let contact = LeaderContact::new();
         let lease = Duration::from_millis(s.election_timeout_max_ms);
-        let server = tokio::spawn(network::serve(
+        let server = tokio::spawn(transport::serve(
             listener,
-            Arc::new(network::Server {
+            Arc::new(transport::Server {
                 raft: raft.clone(),
                 me,
                 peers: peers.clone(),
@@ -626,6 +344,11 @@ impl Cluster {
                 gate: gate.clone(),
                 contact: contact.clone(),
                 lease,
+                refusal_log: Default::default(),
+                frame_log: Default::default(),
+                limit_log: Default::default(),
+                auth_log: Default::default(),
+                keys: s.keys.clone(),
             }),
         ));
         // Elections stay off until a quorum would grant a pre-vote (see `probe_pre_votes`).
@@ -650,6 +373,19 @@ impl Cluster {
             Duration::from_millis(s.election_timeout_min_ms),
             Duration::from_millis(s.election_timeout_max_ms),
         ));
+        let vip_lease = lease::vip_lease(
+            Duration::from_millis(s.heartbeat_ms),
+            Duration::from_millis(s.election_timeout_max_ms),
+        );
+        let (role_tx, leadership) = watch::channel(Leadership::now(Role::Follower));
+        let addrs: BTreeMap<NodeId, SocketAddr> =
+            peers.iter().map(|(id, p)| (*id, p.addr)).collect();
+        let lease_task = tokio::spawn(lease::follow(
+            raft.metrics(),
+            vip_lease,
+            role_tx,
+            move |id| addrs.get(&id).copied(),
+        ));
         let leader_since = Arc::new(Mutex::new(None));
         let leader_watch = tokio::spawn(watch_leadership(raft.metrics(), leader_since.clone()));
 
@@ -664,6 +400,8 @@ impl Cluster {
             leader_watch,
             prober,
             guard,
+            leadership,
+            lease_task,
             _lock: lock,
         };
 
@@ -701,9 +439,10 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// openraft metrics watch (state, current_leader, millis_since_quorum_ack, vote, ...).
-    pub fn metrics(&self) -> watch::Receiver<Metrics> {
-        self.raft.metrics()
+    /// What this node may do with the VIP, kept up to date with the lease ([`lease`]): the
+    /// one signal the agent follows.
+    pub fn leadership(&self) -> watch::Receiver<Leadership> {
+        self.leadership.clone()
     }
 
     /// Address of a node id (for log lines like "The Node [192.168.0.71:10000] is leading").
@@ -721,7 +460,7 @@ impl Cluster {
     ///
     /// Picks a voter that has this leader's whole log (the others would
     /// refuse any other), preferring the one that answered most recently,
-    /// stops heartbeats, sends it [`network::Request::Handover`] (falling back
+    /// stops heartbeats, sends it [`transport::codec::Request::Handover`] (falling back
     /// to the next candidate if it cannot be reached), and waits until this
     /// node sees another leader (bounded by `3 * election_timeout_max`). On a
     /// non-leader it just shuts down. The node is shut down in every case; an
@@ -840,43 +579,8 @@ impl Cluster {
         self.leader_watch.abort();
         self.prober.abort();
         self.guard.abort();
+        self.lease_task.abort();
         let _ = self.server.await;
         self.network.close();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn first_stand_turns_skip_the_silent_leader_and_never_tie() {
-        let members = [30, 10, 20];
-        // Leader 10 went silent: 20 stands first, 30 one stagger later.
-        assert_eq!(first_stand_turn(&members, 20, Some(10)), 0);
-        assert_eq!(first_stand_turn(&members, 30, Some(10)), 1);
-        // Leader 30 went silent: 10, then 20.
-        assert_eq!(first_stand_turn(&members, 10, Some(30)), 0);
-        assert_eq!(first_stand_turn(&members, 20, Some(30)), 1);
-        // No leader known (all restarted): by id among all.
-        let turns: Vec<usize> = [10, 20, 30]
-            .iter()
-            .map(|&me| first_stand_turn(&members, me, None))
-            .collect();
-        assert_eq!(turns, [0, 1, 2]);
-    }
-
-    #[test]
-    fn random_between_stays_in_range_and_varies() {
-        let (min, max) = (Duration::from_millis(40), Duration::from_millis(120));
-        let draws: BTreeSet<Duration> = (0..200).map(|_| random_between(min, max)).collect();
-        assert!(draws.iter().all(|d| (min..=max).contains(d)));
-        assert!(draws.len() > 150, "only {} distinct draws", draws.len());
-        assert_eq!(random_between(max, max), max);
-        assert_eq!(
-            random_between(max, min),
-            max,
-            "an empty range gives its lower end"
-        );
     }
 }

@@ -12,10 +12,17 @@
 //! Truncate and purge rewrite [`LOG_FILE`] through a temp file and a rename, so
 //! a crash leaves either the old or the new log, never a mix.
 //!
-//! All writes are done synchronously inside the openraft storage calls. They
-//! are rare (a blank entry per term, a membership entry at bootstrap) and tiny,
-//! and doing them in place is the simplest way to honour openraft's rule that
-//! vote and log IO are serialized and durable before the callback fires.
+//! Every write and fsync runs on tokio's blocking pool ([`on_disk`]), never on an async
+//! worker: an fsync can take tens of milliseconds on a busy disk, and a worker blocked that
+//! long stalls heartbeats and the VIP lease timer (a 120 ms election timeout). openraft calls
+//! the storage methods one at a time and awaits each, so the writes stay serialized and durable
+//! before the call returns (or the append callback fires); the in-memory copy, which readers
+//! use, is updated only after its write succeeded, and its lock is never held across a write.
+//!
+//! Loading checks terms and log indexes against [`bounds`] as well: a vote or entry beyond
+//! them was written by a forged message before those checks existed, and would make openraft
+//! overflow (and abort) at the next election, on every restart; better to stop with an error
+//! naming the file.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -32,6 +39,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::bounds::{self, OutOfBounds};
 use super::types::{Node, NodeId, TypeConfig};
 
 /// Hard state: the last vote this node granted or holds. Must survive restarts,
@@ -109,6 +117,27 @@ fn write_json_atomic<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Res
     write_atomic(dir, name, &bytes)
 }
 
+/// Runs file IO (writes, fsyncs) on tokio's blocking pool and waits for it.
+async fn on_disk<T: Send + 'static>(
+    io: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(io)
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(format!("storage task failed: {e}"))))
+}
+
+/// A state file's terms and log indexes out of [`bounds`]: corruption, naming the file.
+fn out_of_bounds(path: &Path) -> impl FnOnce(OutOfBounds) -> StoreError + '_ {
+    move |e| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        reason: format!(
+            "{e}; openraft would overflow on it. It can only come from a forged message accepted \
+             before this check existed: stop this node, move its state directory away and \
+             restart it (it rejoins from the leader)"
+        ),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave the maps half-updated in a way
     // that matters more than the panic itself; keep serving rather than cascade.
@@ -124,47 +153,47 @@ struct LogMeta {
     committed: Option<LogId<NodeId>>,
 }
 
+/// The in-memory copy of the log and vote: what readers see. Its lock is held only briefly,
+/// never across file IO.
 struct LogInner {
-    dir: PathBuf,
     vote: Option<Vote<NodeId>>,
     meta: LogMeta,
     entries: BTreeMap<u64, Entry<TypeConfig>>,
+}
+
+/// The files; used only on the blocking pool ([`on_disk`]).
+struct LogFiles {
+    dir: PathBuf,
     /// Open in append mode; replaced after every rewrite of the log.
     log_file: File,
 }
 
-impl LogInner {
-    fn encode_entries<'a>(
-        entries: impl IntoIterator<Item = &'a Entry<TypeConfig>>,
-    ) -> io::Result<Vec<u8>> {
-        let mut buf = Vec::new();
-        for e in entries {
-            serde_json::to_writer(&mut buf, e).map_err(io::Error::other)?;
-            buf.push(b'\n');
-        }
-        Ok(buf)
-    }
-
-    /// Rewrites the whole log file from `self.entries` (after truncate/purge).
-    fn rewrite_log(&mut self) -> io::Result<()> {
-        let buf = Self::encode_entries(self.entries.values())?;
-        write_atomic(&self.dir, LOG_FILE, &buf)?;
+impl LogFiles {
+    /// Replaces the whole log file with `buf` (after truncate/purge).
+    fn rewrite_log(&mut self, buf: &[u8]) -> io::Result<()> {
+        write_atomic(&self.dir, LOG_FILE, buf)?;
         self.log_file = OpenOptions::new()
             .append(true)
             .open(self.dir.join(LOG_FILE))?;
         Ok(())
     }
 
-    fn append(&mut self, entries: Vec<Entry<TypeConfig>>) -> io::Result<()> {
-        let buf = Self::encode_entries(entries.iter())?;
-        self.log_file.write_all(&buf)?;
+    fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.log_file.write_all(buf)?;
         // fdatasync: the file length changes, so the size metadata is flushed too.
-        self.log_file.sync_data()?;
-        for e in entries {
-            self.entries.insert(e.log_id.index, e);
-        }
-        Ok(())
+        self.log_file.sync_data()
     }
+}
+
+fn encode_entries<'a>(
+    entries: impl IntoIterator<Item = &'a Entry<TypeConfig>>,
+) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    for e in entries {
+        serde_json::to_writer(&mut buf, e).map_err(io::Error::other)?;
+        buf.push(b'\n');
+    }
+    Ok(buf)
 }
 
 /// Loads the log file: entries after `last_purged`, in order, without holes.
@@ -208,6 +237,9 @@ fn load_log(
         };
         let entry: Entry<TypeConfig> =
             serde_json::from_slice(line).map_err(|e| corrupt(e.to_string()))?;
+        bounds::ABSOLUTE
+            .log_id("entry", &Some(entry.log_id))
+            .map_err(|e| out_of_bounds(path)(OutOfBounds(format!("line {}: {e}", lineno + 1))))?;
         let index = entry.log_id.index;
         if last_purged.is_some_and(|p| index <= p.index) {
             // Purge pointer was saved but the rewrite did not happen before a crash.
@@ -230,14 +262,26 @@ fn load_log(
 #[derive(Clone)]
 pub struct LogStore {
     inner: Arc<Mutex<LogInner>>,
+    files: Arc<Mutex<LogFiles>>,
 }
 
 impl LogStore {
     /// Opens (or creates) the log and vote in `dir`.
     pub fn open(dir: &Path) -> Result<LogStore, StoreError> {
         fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
-        let vote = read_json::<Vote<NodeId>>(&dir.join(VOTE_FILE))?;
-        let meta = read_json::<LogMeta>(&dir.join(LOG_META_FILE))?.unwrap_or_default();
+        let vote_path = dir.join(VOTE_FILE);
+        let vote = read_json::<Vote<NodeId>>(&vote_path)?;
+        if let Some(v) = &vote {
+            bounds::ABSOLUTE
+                .vote("vote", v)
+                .map_err(out_of_bounds(&vote_path))?;
+        }
+        let meta_path = dir.join(LOG_META_FILE);
+        let meta = read_json::<LogMeta>(&meta_path)?.unwrap_or_default();
+        bounds::ABSOLUTE
+            .log_id("last_purged", &meta.last_purged)
+            .and_then(|()| bounds::ABSOLUTE.log_id("committed", &meta.committed))
+            .map_err(out_of_bounds(&meta_path))?;
         let log_path = dir.join(LOG_FILE);
         let entries = load_log(&log_path, meta.last_purged)?;
         let log_file = OpenOptions::new()
@@ -247,10 +291,12 @@ impl LogStore {
             .map_err(io_err("open", &log_path))?;
         Ok(LogStore {
             inner: Arc::new(Mutex::new(LogInner {
-                dir: dir.to_path_buf(),
                 vote,
                 meta,
                 entries,
+            })),
+            files: Arc::new(Mutex::new(LogFiles {
+                dir: dir.to_path_buf(),
                 log_file,
             })),
         })
@@ -292,8 +338,17 @@ impl LogStore {
         }
     }
 
-    fn write_meta(g: &LogInner) -> io::Result<()> {
-        write_json_atomic(&g.dir, LOG_META_FILE, &g.meta)
+    /// Writes `meta` to [`LOG_META_FILE`] (on the blocking pool).
+    async fn write_meta(&self, meta: LogMeta) -> io::Result<()> {
+        let files = self.files.clone();
+        on_disk(move || write_json_atomic(&lock(&files).dir, LOG_META_FILE, &meta)).await
+    }
+
+    /// Replaces the log file with `entries` (on the blocking pool).
+    async fn rewrite_log(&self, entries: &BTreeMap<u64, Entry<TypeConfig>>) -> io::Result<()> {
+        let buf = encode_entries(entries.values())?;
+        let files = self.files.clone();
+        on_disk(move || lock(&files).rewrite_log(&buf)).await
     }
 }
 
@@ -333,10 +388,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let mut g = lock(&self.inner);
-        write_json_atomic(&g.dir, VOTE_FILE, vote)
+        let (files, v) = (self.files.clone(), *vote);
+        on_disk(move || write_json_atomic(&lock(&files).dir, VOTE_FILE, &v))
+            .await
             .map_err(|e| StorageIOError::write_vote(AnyError::new(&e)))?;
-        g.vote = Some(*vote);
+        lock(&self.inner).vote = Some(v);
         Ok(())
     }
 
@@ -348,12 +404,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), StorageError<NodeId>> {
-        let mut g = lock(&self.inner);
-        if g.meta.committed == committed {
-            return Ok(());
-        }
-        g.meta.committed = committed;
-        Self::write_meta(&g).map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
+        let mut meta = {
+            let g = lock(&self.inner);
+            if g.meta.committed == committed {
+                return Ok(());
+            }
+            g.meta.clone()
+        };
+        meta.committed = committed;
+        self.write_meta(meta)
+            .await
+            .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
+        lock(&self.inner).meta.committed = committed;
         Ok(())
     }
 
@@ -371,9 +433,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let entries: Vec<_> = entries.into_iter().collect();
-        let res = lock(&self.inner).append(entries);
+        let res = match encode_entries(entries.iter()) {
+            Ok(buf) => {
+                let files = self.files.clone();
+                on_disk(move || lock(&files).append(&buf)).await
+            }
+            Err(e) => Err(e),
+        };
         match res {
             Ok(()) => {
+                let mut g = lock(&self.inner);
+                for e in entries {
+                    g.entries.insert(e.log_id.index, e);
+                }
+                drop(g);
                 callback.log_io_completed(Ok(()));
                 Ok(())
             }
@@ -386,26 +459,34 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let mut g = lock(&self.inner);
-        let removed = g.entries.split_off(&log_id.index);
-        if removed.is_empty() {
+        let mut keep = lock(&self.inner).entries.clone();
+        if keep.split_off(&log_id.index).is_empty() {
             return Ok(());
         }
-        g.rewrite_log()
+        self.rewrite_log(&keep)
+            .await
             .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
+        lock(&self.inner).entries = keep;
         Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let mut g = lock(&self.inner);
         // Pointer first: if we crash before the rewrite, `load_log` skips the
         // entries the pointer covers, so the result is the same.
-        g.meta.last_purged = Some(log_id);
-        Self::write_meta(&g).map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
-        let keep = g.entries.split_off(&(log_id.index + 1));
-        g.entries = keep;
-        g.rewrite_log()
+        let (mut meta, mut entries) = {
+            let g = lock(&self.inner);
+            (g.meta.clone(), g.entries.clone())
+        };
+        meta.last_purged = Some(log_id);
+        self.write_meta(meta)
+            .await
             .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
+        lock(&self.inner).meta.last_purged = Some(log_id);
+        let keep = entries.split_off(&(log_id.index + 1));
+        self.rewrite_log(&keep)
+            .await
+            .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
+        lock(&self.inner).entries = keep;
         Ok(())
     }
 }
@@ -425,7 +506,6 @@ struct SnapshotContent {
 }
 
 struct SmInner {
-    dir: PathBuf,
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, Node>,
     snapshot: Option<StoredSnapshot>,
@@ -434,12 +514,11 @@ struct SmInner {
 }
 
 impl SmInner {
-    fn install(&mut self, snap: StoredSnapshot) -> io::Result<()> {
-        write_json_atomic(&self.dir, SNAPSHOT_FILE, &snap)?;
+    /// Makes a snapshot that is already on disk the current one.
+    fn install(&mut self, snap: StoredSnapshot) {
         self.last_applied = snap.meta.last_log_id;
         self.membership = snap.meta.last_membership.clone();
         self.snapshot = Some(snap);
-        Ok(())
     }
 }
 
@@ -450,6 +529,8 @@ impl SmInner {
 #[derive(Clone)]
 pub struct StateMachineStore {
     inner: Arc<Mutex<SmInner>>,
+    /// The state directory.
+    dir: Arc<PathBuf>,
 }
 
 impl StateMachineStore {
@@ -465,14 +546,20 @@ impl StateMachineStore {
                     reason: format!("snapshot data: {e}"),
                 }
             })?;
+            bounds::ABSOLUTE
+                .log_id("snapshot last_log_id", &s.meta.last_log_id)
+                .and_then(|()| {
+                    bounds::ABSOLUTE.log_id("snapshot membership", s.meta.last_membership.log_id())
+                })
+                .map_err(out_of_bounds(&path))?;
         }
         let (last_applied, membership) = snapshot
             .as_ref()
             .map(|s| (s.meta.last_log_id, s.meta.last_membership.clone()))
             .unwrap_or_default();
         Ok(StateMachineStore {
+            dir: Arc::new(dir.to_path_buf()),
             inner: Arc::new(Mutex::new(SmInner {
-                dir: dir.to_path_buf(),
                 last_applied,
                 membership,
                 snapshot,
@@ -484,30 +571,39 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let mut g = lock(&self.inner);
-        let content = SnapshotContent {
-            last_applied: g.last_applied,
-            membership: g.membership.clone(),
-        };
-        let data = serde_json::to_vec(&content)
-            .map_err(|e| StorageIOError::write_snapshot(None, AnyError::new(&e)))?;
-        g.snapshot_seq += 1;
-        let snapshot_id = match g.last_applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, g.snapshot_seq),
-            None => format!("none-{}", g.snapshot_seq),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: g.last_applied,
-            last_membership: g.membership.clone(),
-            snapshot_id,
+        let dir = self.dir.clone();
+        let (meta, data) = {
+            let mut g = lock(&self.inner);
+            let content = SnapshotContent {
+                last_applied: g.last_applied,
+                membership: g.membership.clone(),
+            };
+            let data = serde_json::to_vec(&content)
+                .map_err(|e| StorageIOError::write_snapshot(None, AnyError::new(&e)))?;
+            g.snapshot_seq += 1;
+            let snapshot_id = match g.last_applied {
+                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, g.snapshot_seq),
+                None => format!("none-{}", g.snapshot_seq),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: g.last_applied,
+                last_membership: g.membership.clone(),
+                snapshot_id,
+            };
+            (meta, data)
         };
         let stored = StoredSnapshot {
             meta: meta.clone(),
             data: data.clone(),
         };
-        g.install(stored).map_err(|e| {
-            StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
-        })?;
+        let stored =
+            on_disk(move || write_json_atomic(&dir, SNAPSHOT_FILE, &stored).map(|()| stored))
+                .await
+                .map_err(|e| {
+                    StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
+                })?;
+        // Only the stored snapshot changes: entries applied meanwhile stay applied.
+        lock(&self.inner).snapshot = Some(stored);
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -567,9 +663,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: meta.clone(),
             data,
         };
-        lock(&self.inner).install(stored).map_err(|e| {
-            StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
-        })?;
+        let dir = self.dir.clone();
+        let stored =
+            on_disk(move || write_json_atomic(&dir, SNAPSHOT_FILE, &stored).map(|()| stored))
+                .await
+                .map_err(|e| {
+                    StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
+                })?;
+        lock(&self.inner).install(stored);
         Ok(())
     }
 
@@ -595,7 +696,7 @@ mod tests {
     use openraft::{CommittedLeaderId, Config, Membership, Raft};
 
     use super::*;
-    use crate::cluster::network::Network;
+    use crate::cluster::transport::Network;
 
     /// A fresh, empty directory under the system temp dir.
     fn temp_dir(name: &str) -> PathBuf {
@@ -651,7 +752,7 @@ mod tests {
         let config = Arc::new(Config::default().validate().unwrap());
         let start = || async {
             let ip = std::net::Ipv4Addr::LOCALHOST.into();
-            let net = Network::new(1, ip, Arc::default(), Duration::from_millis(50));
+            let net = Network::new(1, ip, Arc::default(), Duration::from_millis(50), None);
             Raft::<TypeConfig>::new(
                 1,
                 config.clone(),
@@ -844,6 +945,37 @@ mod tests {
             .err()
             .expect("corrupt snapshot accepted");
         assert!(err.to_string().contains(SNAPSHOT_FILE), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A vote of term 2^64 - 1 (once accepted from a forged frame) would make openraft overflow
+    /// at the next election, on every restart: loading refuses it, naming the file.
+    #[test]
+    fn terms_that_would_overflow_are_corruption() {
+        let dir = temp_dir("overflow");
+        let vote = serde_json::to_vec(&Vote::new_committed(u64::MAX, 2)).unwrap();
+        fs::write(dir.join(VOTE_FILE), vote).unwrap();
+        let err = LogStore::open(&dir)
+            .err()
+            .expect("overflowing vote accepted");
+        assert!(matches!(&err, StoreError::Corrupt { path, .. } if path.ends_with(VOTE_FILE)));
+        assert!(err.to_string().contains("overflow"), "{err}");
+        fs::remove_file(dir.join(VOTE_FILE)).unwrap();
+
+        let mut line = serde_json::to_vec(&blank(u64::MAX, 0)).unwrap();
+        line.push(b'\n');
+        fs::write(dir.join(LOG_FILE), line).unwrap();
+        let err = LogStore::open(&dir)
+            .err()
+            .expect("overflowing entry accepted");
+        assert!(err.to_string().contains(LOG_FILE), "{err}");
+        assert!(err.to_string().contains("line 1"), "{err}");
+        fs::remove_file(dir.join(LOG_FILE)).unwrap();
+
+        // Within the bounds, a high term still loads.
+        let vote = serde_json::to_vec(&Vote::new(1 << 40, 2)).unwrap();
+        fs::write(dir.join(VOTE_FILE), vote).unwrap();
+        assert!(LogStore::open(&dir).is_ok());
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -2,7 +2,7 @@
 //! (RFC 5227: who-has VIP, sender address 0.0.0.0) and a duplicate-address-detection Neighbor
 //! Solicitation for IPv6 (RFC 4862: from `::` to the VIP's solicited-node group).
 //!
-//! Why, when Raft already says the VIP is ours: the lease argument (`agent::leadership`) proves
+//! Why, when Raft already says the VIP is ours: the lease argument (`cluster::lease`) proves
 //! that no other node is *entitled* to the VIP, not that none still has it. An old leader whose
 //! process is starved of CPU past the end of its lease, or killed before it could remove the
 //! address, has a kernel that still answers for the VIP. Kernels answer probes in softirq

@@ -1,4 +1,6 @@
-//! From Raft metrics to a [`Role`]: when a Raft leader may hold the VIP.
+//! The lease: from Raft metrics to a ready "may hold the VIP" signal ([`Leadership`]), the one
+//! thing the agent needs from the cluster. The timing argument, and the lease formula
+//! ([`vip_lease`]), live here and nowhere else.
 //!
 //! openraft 0.9 keeps a leader that is cut off from the majority in `Leader` state until the
 //! partition heals, so "I am leader" is not enough to hold the VIP. What is enough is a *lease*
@@ -13,7 +15,7 @@
 //! 1. A follower that accepted a heartbeat refuses every vote request for `E_max` after it,
 //!    by openraft's follower-side leader lease (`Engine::handle_vote_req`).
 //! 2. A node that (re)starts refuses every vote request for `E_max` after it starts
-//!    (`cluster::network::refuse_vote`), so a restart cannot erase the promise in 1.
+//!    (`transport::server`, `refuse_vote`), so a restart cannot erase the promise in 1.
 //! 3. Any majority that elects a new leader without us contains a node that acknowledged the
 //!    heartbeat sent at `t_q` (two majorities always share a node), received at or after
 //!    `t_q`. By 1 and 2 that node grants no vote before `t_q + E_max`; so no other node can
@@ -46,16 +48,61 @@ use openraft::ServerState;
 use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
-use super::{Leadership, Role};
-use crate::cluster::{Metrics, NodeId};
+use super::types::{Metrics, NodeId};
+
+/// What this node may do with the VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Entitled to hold the VIP: no other node can legitimately hold it now.
+    Leader,
+    /// Raft leader whose lease lapsed: must not hold the VIP, but keeps its listeners and
+    /// their connections, which work again if the lease comes back before leadership goes.
+    Lapsed,
+    /// Must not hold the VIP: another node may hold it, or we cannot tell.
+    Follower,
+}
+
+/// A role and when it was decided: the time the Raft metrics it is based on arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leadership {
+    /// What this node may do.
+    pub role: Role,
+    /// When the decision's evidence arrived; a vote granted later makes it stale.
+    pub as_of: Instant,
+    /// When a `Leader` role ends unless renewed (the end of the lease); `None`: never (single
+    /// node). Updated with every renewal without waking the agent, so the agent can check it
+    /// just before taking the VIP, whether or not the lease timer has run yet.
+    pub until: Option<Instant>,
+}
+
+impl Leadership {
+    /// A role decided now.
+    pub fn now(role: Role) -> Leadership {
+        Leadership {
+            role,
+            as_of: Instant::now(),
+            until: None,
+        }
+    }
+
+    /// Whether this allows holding the VIP at `now`.
+    pub fn may_hold(&self, now: Instant) -> bool {
+        self.role == Role::Leader && self.until.is_none_or(|u| u > now)
+    }
+}
 
 /// Smallest margin between the end of the VIP lease and the earliest possible new leader.
 pub const MIN_LEASE_MARGIN: Duration = Duration::from_millis(25);
 
+/// The margin `M = max(2·H, 25 ms)` between the end of the VIP lease and the earliest
+/// possible new leader (point 4 of the module doc).
+pub fn lease_margin(heartbeat: Duration) -> Duration {
+    (heartbeat * 2).max(MIN_LEASE_MARGIN)
+}
+
 /// How long a quorum acknowledgement entitles the leader to hold the VIP: `E_max − M`.
 pub fn vip_lease(heartbeat: Duration, election_timeout_max: Duration) -> Duration {
-    let margin = (heartbeat * 2).max(MIN_LEASE_MARGIN);
-    election_timeout_max.saturating_sub(margin)
+    election_timeout_max.saturating_sub(lease_margin(heartbeat))
 }
 
 /// The role one metrics snapshot allows, and until when it allows [`Role::Leader`].
