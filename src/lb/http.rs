@@ -8,17 +8,21 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
 use tokio::net::TcpListener;
 
+use tokio::sync::Semaphore;
+
 use super::backends::Backends;
+use super::Admission;
 use crate::shutdown::Shutdown;
 
 /// Response body: a backend's streamed body, or our own short error text.
@@ -35,14 +39,31 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
+/// Longest time a client may take to send a request's headers; hyper closes the connection
+/// after it (also between requests of a kept-alive connection), so slow-header clients cannot
+/// hold connections for ever.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest time a backend may take to answer a request with its headers; then the client gets
+/// 504. Long enough for slow API calls (kube-apiserver's own default request timeout is 60 s);
+/// a streamed body (a watch) is not bounded once its headers came.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(70);
+
 /// Accepts clients until `shutdown` fires, then aborts every open connection.
-pub async fn serve(listener: TcpListener, backends: Arc<Backends>, shutdown: Shutdown) {
-    super::accept_loop(listener, shutdown, move |client, peer| {
+pub async fn serve(
+    listener: TcpListener,
+    backends: Arc<Backends>,
+    limit: Arc<Semaphore>,
+    shutdown: Shutdown,
+) {
+    super::accept_loop(listener, limit, shutdown, move |client, peer, admission| {
         let backends = backends.clone();
         // TCP_NODELAY comes with the socket, inherited from the listener (see `lb::listen`).
         async move {
+            let _admission: Admission = admission;
             let svc = hyper::service::service_fn(move |req| forward(req, peer, backends.clone()));
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(client), svc)
                 .await
             {
@@ -58,7 +79,7 @@ async fn forward(
     peer: SocketAddr,
     backends: Arc<Backends>,
 ) -> Result<Response<Body>, Infallible> {
-    let (stream, backend) = match backends.connect().await {
+    let (stream, mut lease) = match backends.connect().await {
         Ok(s) => s,
         Err(e) => {
             warn!("http request from {peer}: {e}");
@@ -72,27 +93,42 @@ async fn forward(
     {
         Ok(pair) => pair,
         Err(e) => {
-            warn!("http handshake with {backend}: {e}");
+            warn!("http handshake with {}: {e}", lease.addr());
             return Ok(error_response(
                 StatusCode::BAD_GATEWAY,
                 "backend handshake failed\n",
             ));
         }
     };
-    // Drives the backend connection; it ends once the response body is read or dropped.
+    let backend = lease.addr();
+    // Drives the backend connection; it ends once the response body is read or dropped, or
+    // when the backend is marked down (`onMarkedDown: close`): a streamed answer then ends.
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            debug!("backend {backend}: {e}");
+        tokio::select! {
+            r = conn => if let Err(e) = r {
+                debug!("backend {backend}: {e}");
+            },
+            _ = lease.marked_down() => debug!("backend {backend} marked down: closing a request to it"),
         }
     });
     add_forwarding_headers(req.headers_mut(), peer);
-    match sender.send_request(req).await {
-        Ok(resp) => {
+    match tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(req)).await {
+        Err(_) => {
+            warn!(
+                "http request from {peer} to {backend}: no answer within {} s",
+                REQUEST_TIMEOUT.as_secs()
+            );
+            Ok(error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                "backend did not answer in time\n",
+            ))
+        }
+        Ok(Ok(resp)) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Ok(Response::from_parts(parts, body.boxed()))
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             warn!("http request from {peer} to {backend}: {e}");
             Ok(error_response(StatusCode::BAD_GATEWAY, "backend failed\n"))
         }
