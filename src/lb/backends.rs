@@ -282,8 +282,20 @@ impl Backends {
 
     /// Connects to the first backend that accepts, in [`Backends::order`].
     pub async fn connect(self: &Arc<Self>) -> Result<(TcpStream, Lease), AllFailed> {
+        self.connect_in(self.order()).await
+    }
+
+    /// The address of backend `i` (an index from [`Backends::order`]).
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        self.backends[i].addr
+    }
+
+    /// Connects to the first backend that accepts, in `order` (from [`Backends::order`]).
+    pub async fn connect_in(
+        self: &Arc<Self>,
+        order: Vec<usize>,
+    ) -> Result<(TcpStream, Lease), AllFailed> {
         let mut last = None;
-        let order = self.order();
         for &i in &order {
             let b = &self.backends[i];
             let downs = b.downs.subscribe();
