@@ -192,6 +192,13 @@ impl Backends {
                     loop {
                         tick.tick().await;
                         let outcome = checker.check(me.backends[i].addr, &me.connector).await;
+                        debug!(
+                            "[{}] check of {}: {} ({} ms)",
+                            me.name,
+                            me.backends[i].addr,
+                            outcome.detail,
+                            outcome.took.as_millis()
+                        );
                         me.record(i, outcome);
                     }
                 })

@@ -228,14 +228,18 @@ impl Checker {
             .map_err(|e| format!("{}: {e}", self.path))?;
         // The connection is driven here, not in a task of its own: when the check ends (or
         // times out) everything is dropped and the socket closed.
-        let conn = std::pin::pin!(conn);
+        let send = sender.send_request(req);
+        let mut send = std::pin::pin!(send);
         let resp = tokio::select! {
-            r = sender.send_request(req) => r.map_err(|e| format!("{}: {e}", self.path))?,
-            r = conn => return Err(match r {
-                Ok(()) => format!("{}: connection closed without an answer", self.path),
-                Err(e) => format!("{}: {e}", self.path),
-            }),
-        };
+            r = &mut send => r,
+            r = conn => match r {
+                // A backend that answers and closes (`Connection: close`) ends the connection
+                // in the same poll as it delivers the answer: take the answer.
+                Ok(()) => send.await,
+                Err(e) => return Err(format!("{}: {e}", self.path)),
+            },
+        }
+        .map_err(|e| format!("{}: {e}", self.path))?;
         let status = resp.status();
         let text = format!("{} {}", self.path, status.as_u16());
         if status.is_success() {

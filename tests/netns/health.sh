@@ -38,8 +38,10 @@ start_backend() { # N
     "$WORK/server.crt" "$WORK/server.key" "$WORK/state$1" &
   eval "BACKEND_$1=$!"
 }
-set_state() { echo "$2" > "$WORK/state$1"; } # N ready|unready
+# set_state N ready|unready: written aside and renamed, so the backend never reads a half file.
+set_state() { echo "$2" > "$WORK/state$1.new"; mv "$WORK/state$1.new" "$WORK/state$1"; }
 for i in 1 2 3; do set_state "$i" ready; start_backend "$i"; done
+for i in 1 2 3; do wait_until 10 nsx "$B" curl -sfk "https://10.88.0.1$i:6444/readyz"; done
 
 { echo "vip: 10.88.0.100"
   echo "interface: eth0"
@@ -60,10 +62,10 @@ check "check prints every healthCheck default" \
 
 ip netns exec "$L" "$KUBE_VIP" start -c "$WORK/config.yaml" --disableVIP >"$WORK/agent.log" 2>&1 &
 AGENT=$!
-rate() { nsx "$L" python3 "$SUPPORT/tls_client.py" rate 10.88.0.1 "${2:-6443}" 10 "$1"; }
+rate() { nsx "$L" python3 "$SUPPORT/tls_client.py" rate 10.88.0.1 "${2:-6443}" 10 "$1" 2>/dev/null; }
 check "all three backends serve through the load balancer" \
   wait_until 10 bash -c "$(declare -f rate nsx); L=$L SUPPORT=$SUPPORT; rate 1 | awk '\$2==\"ok\"{print \$3}' | sort -u | wc -l | grep -qx 3"
-backend_log() { grep -c "backend 10.88.0.1$1:6444 $2" "$WORK/agent.log" || true; }
+backend_log() { grep -c "\[api\] backend 10.88.0.1$1:6444 $2" "$WORK/agent.log" || true; }
 
 # after_fault FILE FAULT_MS: prints "<failures> <failures later than 1 s after the fault>
 # <ms from fault to last failure>".
@@ -89,12 +91,12 @@ fault() {
 # ---------- unready: /readyz 500, requests 503 ----------
 fault unready set_state 1 unready
 check "unready: logged once as DOWN with the reason" \
-  test "$(grep -c 'backend 10.88.0.11:6444 DOWN: /readyz 500 (2 in a row)' "$WORK/agent.log")" = 1
+  test "$(grep -c '\[api\] backend 10.88.0.11:6444 DOWN: /readyz 500 (2 in a row)' "$WORK/agent.log")" = 1
 
 # ---------- coming back: rise ----------
 t=$(now_ms)
 set_state 1 ready
-check "coming back: UP after rise (3 checks)" wait_until 3 grep -q 'backend 10.88.0.11:6444 UP' "$WORK/agent.log"
+check "coming back: UP after rise (3 checks)" wait_until 3 grep -q '\[api\] backend 10.88.0.11:6444 UP' "$WORK/agent.log"
 echo "# back up after $(( $(now_ms) - t )) ms"
 check "coming back: it gets requests again" \
   bash -c "$(declare -f rate nsx); L=$L SUPPORT=$SUPPORT; rate 1 | grep -q ' ok b1'"
@@ -120,13 +122,13 @@ wait_until 5 test -s "$WORK/watch2.name"
 check "watch: the reconnected watch is on another backend" test "$(cat "$WORK/watch2.name")" != "b$victim"
 kill "$WATCH2" 2>/dev/null || true
 set_state "$victim" ready
-wait_until 3 bash -c "[ \$(grep -c 'backend 10.88.0.1$victim:6444 UP' $WORK/agent.log) -ge $(( $(backend_log "$victim" UP) + 1 )) ]" || true
+wait_until 3 bash -c "[ \$(grep -c '\[api\] backend 10.88.0.1$victim:6444 UP' $WORK/agent.log) -ge $(( $(backend_log "$victim" UP) + 1 )) ]" || true
 sleep 1
 
 # ---------- killed ----------
 fault killed kill -9 "$BACKEND_2"
 start_backend 2
-wait_until 5 bash -c "[ \$(grep -c 'backend 10.88.0.12:6444 UP' $WORK/agent.log) -ge 1 ]" || true
+wait_until 5 bash -c "[ \$(grep -c '\[api\] backend 10.88.0.12:6444 UP' $WORK/agent.log) -ge 1 ]" || true
 sleep 1
 
 # ---------- blackholed in mid-stream: iptables DROP, a watch on it ----------
@@ -138,20 +140,29 @@ drop() { nsx "$B" iptables -I INPUT -d "10.88.0.1$hole" -j DROP; }
 fault "blackholed (b$hole)" drop
 check "blackholed: its watch was closed" wait_until 2 bash -c "! kill -0 $WATCH3"
 kill "$WATCH3" 2>/dev/null || true
-check "blackholed: DOWN names the timeout" grep -q "backend 10.88.0.1$hole:6444 DOWN: .*timed out" "$WORK/agent.log"
+check "blackholed: DOWN names the timeout" grep -q "\[api\] backend 10.88.0.1$hole:6444 DOWN: .*timed out" "$WORK/agent.log"
 nsx "$B" iptables -D INPUT -d "10.88.0.1$hole" -j DROP
 sleep 1.5
 
 # ---------- flapping every 300 ms: no state flapping ----------
 before=$(( $(backend_log 3 UP) + $(backend_log 3 DOWN) ))
-for _ in $(seq 10); do set_state 3 unready; sleep 0.3; set_state 3 ready; sleep 0.3; done
+# Python keeps the 300 ms on a monotonic schedule; a shell loop of sleeps drifts on a busy machine.
+python3 - "$WORK/state3" <<'EOF'
+import os, sys, time
+path, start = sys.argv[1], time.monotonic()
+for k in range(20):
+    with open(path + ".new", "w") as f:
+        f.write("unready" if k % 2 == 0 else "ready")
+    os.rename(path + ".new", path)
+    time.sleep(max(0.0, start + (k + 1) * 0.3 - time.monotonic()))
+EOF
 set_state 3 unready
 sleep 0.5
 changes=$(( $(backend_log 3 UP) + $(backend_log 3 DOWN) - before ))
 echo "# flapping for 6 s: $changes state change(s)"
 check "flapping: at most one state change (down), no flapping" test "$changes" -le 1
 set_state 3 ready
-wait_until 3 bash -c "grep 'backend 10.88.0.13:6444' $WORK/agent.log | tail -1 | grep -q UP" || true
+wait_until 3 bash -c "grep '\[api\] backend 10.88.0.13:6444' $WORK/agent.log | tail -1 | grep -q UP" || true
 
 # ---------- all down ----------
 for i in 1 2 3; do set_state "$i" unready; done
@@ -166,8 +177,10 @@ check "all down: requests succeed again" \
   wait_until 3 bash -c "$(declare -f rate nsx); L=$L SUPPORT=$SUPPORT; rate 0.5 | grep -q ' ok '"
 
 # ---------- caFile ----------
-check "caFile with the right CA: the backend stays up" \
-  bash -c "! grep -q '\[verified\] backend .* DOWN' $WORK/agent.log"
+# The verified entry's backend is b1, which the tests above made unready: its checks got through
+# TLS to the HTTP answer, and none ever failed in TLS.
+check "caFile with the right CA: verified, checks reach /readyz" \
+  bash -c "grep -q '\[verified\] backend 10.88.0.11:6444 DOWN: /readyz 500' $WORK/agent.log && ! grep -q '\[verified\] .*TLS' $WORK/agent.log"
 check "caFile with a wrong CA: DOWN with a clear reason" \
   grep -q '\[wrongca\] backend 10.88.0.12:6444 DOWN: TLS: invalid peer certificate: UnknownIssuer' "$WORK/agent.log"
 
