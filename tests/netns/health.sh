@@ -52,6 +52,9 @@ for i in 1 2 3; do wait_until 10 nsx "$B" curl -sfk "https://10.88.0.1$i:6444/re
   echo "  healthCheck: $HEALTH_CHECK"
   lb_entry verified tcp 6445 false 6444 10.88.0.11
   echo "  healthCheck: {type: https, caFile: $WORK/test-ca.crt}"
+  lb_entry rr tcp 6447 false 6444 10.88.0.11 10.88.0.12 10.88.0.13
+  echo "  balance: roundrobin"
+  echo "  healthCheck: {type: https}"
   lb_entry wrongca tcp 6446 false 6444 10.88.0.12
   echo "  healthCheck: {type: https, caFile: $WORK/wrong-ca.crt}"
 } > "$WORK/config.yaml"
@@ -183,6 +186,39 @@ check "caFile with the right CA: verified, checks reach /readyz" \
   bash -c "grep -q '\[verified\] backend 10.88.0.11:6444 DOWN: /readyz 500' $WORK/agent.log && ! grep -q '\[verified\] .*TLS' $WORK/agent.log"
 check "caFile with a wrong CA: DOWN with a clear reason" \
   grep -q '\[wrongca\] backend 10.88.0.12:6444 DOWN: TLS: invalid peer certificate: UnknownIssuer' "$WORK/agent.log"
+
+# ---------- spread of watches after a backend restarts, per balance ----------
+# 30 watches over three backends; b1 is killed (its watches reconnect to b2 and b3) and started
+# again; then 15 more watches come. leastconn sends them to b1, roundrobin spreads them.
+spread() { # DIR: "b1 b2 b3" counts of watches now on each backend
+  local i n out=""
+  for i in 1 2 3; do n=$(cat "$1"/* 2>/dev/null | grep -cx "b$i" || true); out+="$n "; done
+  echo "${out% }"
+}
+for port in 6443 6447; do
+  mkdir -p "$WORK/w$port" "$WORK/x$port"
+  ip netns exec "$L" python3 "$SUPPORT/tls_client.py" watches 10.88.0.1 "$port" 30 "$WORK/w$port" &
+  eval "WATCHES_$port=$!"
+done
+wait_until 10 bash -c "[ \$(ls $WORK/w6443 | wc -l) = 30 ] && [ \$(ls $WORK/w6447 | wc -l) = 30 ]" || true
+echo "# 30 watches: leastconn $(spread "$WORK/w6443"), roundrobin $(spread "$WORK/w6447") (b1 b2 b3)"
+kill -9 "$BACKEND_1"
+sleep 1.5
+start_backend 1
+last_is_up() { grep "\[$1\] backend 10.88.0.11:6444" "$WORK/agent.log" | tail -1 | has UP; }
+wait_until 5 bash -c "$(declare -f last_is_up has); WORK=$WORK; last_is_up api && last_is_up rr" || true
+sleep 1
+for port in 6443 6447; do
+  ip netns exec "$L" python3 "$SUPPORT/tls_client.py" watches 10.88.0.1 "$port" 15 "$WORK/x$port" &
+  eval "MORE_$port=$!"
+done
+wait_until 10 bash -c "[ \$(ls $WORK/x6443 | wc -l) = 15 ] && [ \$(ls $WORK/x6447 | wc -l) = 15 ]" || true
+spread_all() { local i n out=""; for i in 1 2 3; do n=$(cat "$1"/* "$2"/* 2>/dev/null | grep -cx "b$i" || true); out+="$n "; done; echo "${out% }"; }
+lc=$(spread_all "$WORK/w6443" "$WORK/x6443"); rr=$(spread_all "$WORK/w6447" "$WORK/x6447")
+echo "# 45 watches after b1 restarted: leastconn $lc, roundrobin $rr (b1 b2 b3)"
+lc_b1=${lc%% *}
+check "leastconn: the restarted backend gets the new watches (at least 12 of 45 on b1)" test "$lc_b1" -ge 12
+kill "$WATCHES_6443" "$WATCHES_6447" "$MORE_6443" "$MORE_6447" 2>/dev/null || true
 
 check "kube-vip still runs" kill -0 "$AGENT"
 grep -E 'DOWN|UP|all .* down|up again' "$WORK/agent.log" | sed 's/^/# /' | tail -40

@@ -8,7 +8,11 @@
   tls_client.py watch ADDRESS PORT NAME_FILE
       `GET /watch`, writes the first streamed line (the backend's name) to NAME_FILE, then
       reads until the stream ends and prints "ended <epoch ms>". Exit 0 when it ended.
+  tls_client.py watches ADDRESS PORT N DIR
+      N watches like kubelets': each reconnects 0.2 s after its stream ends and keeps the name
+      of the backend it is on now in DIR/<i>. Runs until killed.
 """
+import os
 import socket
 import ssl
 import sys
@@ -94,8 +98,44 @@ def watch(addr: str, port: int, name_file: str) -> int:
     return 0
 
 
+def keep_watching(addr: str, port: int, path: str) -> None:
+    while True:
+        try:
+            s = get(addr, port, "/watch", 5.0)
+            s.settimeout(30)
+            buf = b""
+            while b"\r\n\r\n" not in buf or b"\n" not in buf.split(b"\r\n\r\n", 1)[1]:
+                chunk = s.recv(4096)
+                if not chunk:
+                    raise OSError("closed")
+                buf += chunk
+            name = buf.split(b"\r\n\r\n", 1)[1].split(b"\n", 1)[0].decode()
+            with open(path + ".new", "w") as f:
+                f.write(name + "\n")
+            os.rename(path + ".new", path)
+            while s.recv(4096):
+                pass
+        except OSError:
+            pass
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        time.sleep(0.2)
+
+
+def watches(addr: str, port: int, n: int, out_dir: str) -> int:
+    for i in range(n):
+        threading.Thread(target=keep_watching, args=(addr, port, f"{out_dir}/{i}"), daemon=True).start()
+        time.sleep(0.02)
+    while True:
+        time.sleep(3600)
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
+    if mode == "watches":
+        sys.exit(watches(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]))
     if mode == "rate":
         sys.exit(rate(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])))
     sys.exit(watch(sys.argv[2], int(sys.argv[3]), sys.argv[4]))
