@@ -45,7 +45,7 @@ EOF
 # kubeadm's HA guide (docs/ha-considerations.md), with /readyz as the issue asks.
 cat > "$WORK/haproxy.cfg" <<EOF
 global
-    maxconn 20000
+    maxconn 8000
 defaults
     mode                    http
     option                  dontlognull
@@ -95,7 +95,8 @@ start_target() {
     haproxy) ip netns exec "$L" haproxy -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 & ;;
   esac
   TARGET=$!
-  wait_until 10 bash -c "[ -n \"\$(ip netns exec $L ss -Htln 'sport = :6443')\" ]"
+  wait_until 10 bash -c "[ -n \"\$(ip netns exec $L ss -Htln 'sport = :6443')\" ]" ||
+    { echo "$1 did not start listening:" >&2; tail -5 "$WORK/$1.log" >&2; exit 1; }
   sleep 3 # every backend checked up
 }
 stop_target() { kill "$TARGET" 2>/dev/null || true; wait "$TARGET" 2>/dev/null || true; }

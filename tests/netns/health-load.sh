@@ -12,7 +12,7 @@ command -v wrk >/dev/null && command -v haproxy >/dev/null ||
 make_cluster_net
 cat > "$WORK/fast.cfg" <<EOF
 global
-  maxconn 50000
+  maxconn 8000
 defaults
   mode http
   timeout client 10s
@@ -25,6 +25,7 @@ frontend fast
   http-request return status 200 content-type text/plain string ok
 EOF
 ip netns exec "$BE" haproxy -db -f "$WORK/fast.cfg" >"$WORK/fast.log" 2>&1 &
+check "the backends answer" wait_until 5 nsx "$BE" curl -sf http://10.88.0.21:8081/
 for i in 1 2 3; do
   node_config "$i" "$(lb_entry flood tcp 8080 true 8081 10.88.0.21 10.88.0.22 10.88.0.23)"
   start_node "$i"
