@@ -59,6 +59,10 @@ for i in 1 2 3; do wait_until 10 nsx "$B" curl -sfk "https://10.88.0.1$i:6444/re
   echo "  healthCheck: {type: https, caFile: $WORK/wrong-ca.crt}"
 } > "$WORK/config.yaml"
 check "kube-vip check accepts the config" quiet "$KUBE_VIP" check -c "$WORK/config.yaml"
+"$KUBE_VIP" sample config --interface eth1 --vip 10.0.0.75 --localPeer server1:10.0.0.70:10000 \
+  --lbType tcp --lbName api --lbPort 6443 --lbBackends 10.0.0.70:6444 > "$WORK/sample.yaml"
+check "sample config checks kube-apiserver's /readyz over https" \
+  bash -c "grep -A2 'healthCheck:' $WORK/sample.yaml | tr -d ' ' | tr '\n' ' ' | grep -q 'type:https path:/readyz'"
 "$KUBE_VIP" check -c "$WORK/config.yaml" > "$WORK/effective.yaml" 2>/dev/null
 check "check prints every healthCheck default" \
   bash -c "grep -q 'intervalMs: 200' $WORK/effective.yaml && grep -q 'rise: 3' $WORK/effective.yaml && grep -q 'balance: leastconn' $WORK/effective.yaml && grep -q 'maxConnections: 10000' $WORK/effective.yaml && grep -q 'onMarkedDown: close' $WORK/effective.yaml"
