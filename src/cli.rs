@@ -202,6 +202,15 @@ pub fn sample_config(a: &SampleConfigArgs) -> Config {
             backends: a.lb_backends.clone(),
             connect_timeout_ms: None,
             backend_cooldown_ms: None,
+            // The guide's backends are kube-apiservers: their readiness, not just their port.
+            health_check: Some(crate::config::HealthCheck {
+                kind: crate::config::HealthCheckType::Https,
+                path: Some(crate::config::DEFAULT_HEALTH_PATH.to_string()),
+                ..crate::config::HealthCheck::default_for_0_1()
+            }),
+            on_marked_down: None,
+            balance: None,
+            max_connections: None,
         }],
         arp_burst_count: None,
         arp_refresh_seconds: None,

@@ -43,6 +43,28 @@ pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 120;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1000;
 /// How long a backend that refused or timed out is passed over before it is tried again.
 pub const DEFAULT_BACKEND_COOLDOWN_MS: u64 = 2000;
+/// Health check: time between the starts of two checks of one backend. With
+/// [`DEFAULT_HEALTH_FALL`] an unready backend is marked down within fall × interval + timeout
+/// (≤ 0.6 s), inside the 1 s the control plane allows; 5 checks/s per backend and node cost an
+/// API server a few TLS handshakes per second.
+pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 200;
+/// Health check: limit for one whole check (connect, TLS, request, answer). A healthy
+/// kube-apiserver answers `/readyz` in a few ms; one slower than this is as good as hung.
+pub const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 200;
+/// Health check: failures in a row that mark a backend down. Two, so that one lost packet or one
+/// slow answer on a busy node does not move traffic.
+pub const DEFAULT_HEALTH_FALL: u32 = 2;
+/// Health check: successes in a row that bring a down backend back. Three at 200 ms: a backend
+/// must stay good for 0.6 s, so one that flaps (up and down every 300 ms) never comes back while
+/// it flaps.
+pub const DEFAULT_HEALTH_RISE: u32 = 3;
+/// Health check path for `http`/`https` checks: what kube-apiserver offers without credentials.
+pub const DEFAULT_HEALTH_PATH: &str = "/readyz";
+/// Most proxied connections per load balancer at once. A control plane of 5000 nodes holds about
+/// two connections per node; beyond the limit new clients wait in the listen backlog.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Longest accepted health check interval or timeout, ms.
+const MAX_HEALTH_MS: u64 = 60_000;
 /// Linux interface names are at most 15 bytes (IFNAMSIZ less the NUL).
 const MAX_INTERFACE_NAME: usize = 15;
 
@@ -112,6 +134,119 @@ pub enum LbType {
     Http,
 }
 
+/// How a load balancer checks its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheckType {
+    /// A TCP connect succeeds.
+    Tcp,
+    /// `GET path` over plain HTTP/1.1 answers 2xx.
+    Http,
+    /// `GET path` over TLS answers 2xx (kube-apiserver's `/readyz`).
+    Https,
+    /// No active checks; only failed connects (passive detection) count.
+    None,
+}
+
+/// `healthCheck` of a `loadBalancers` entry. Every key but `type` has a default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthCheck {
+    /// `tcp`, `http`, `https` or `none`.
+    #[serde(rename = "type")]
+    pub kind: HealthCheckType,
+    /// Path to GET for `http`/`https` (default [`DEFAULT_HEALTH_PATH`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Time between checks of one backend, ms (default [`DEFAULT_HEALTH_INTERVAL_MS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+    /// Limit for one check, ms (default [`DEFAULT_HEALTH_TIMEOUT_MS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Successes in a row that bring a backend back (default [`DEFAULT_HEALTH_RISE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rise: Option<u32>,
+    /// Failures in a row that mark a backend down (default [`DEFAULT_HEALTH_FALL`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fall: Option<u32>,
+    /// PEM file of the CA(s) that must have signed the backend's certificate (`https` only);
+    /// without it the certificate is not verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl HealthCheck {
+    /// What a 0.1 config without `healthCheck` gets: connect checks, safe for any backend.
+    pub fn default_for_0_1() -> HealthCheck {
+        HealthCheck {
+            kind: HealthCheckType::Tcp,
+            path: None,
+            interval_ms: None,
+            timeout_ms: None,
+            rise: None,
+            fall: None,
+            ca_file: None,
+        }
+    }
+    /// Path with its default applied.
+    pub fn path(&self) -> &str {
+        self.path.as_deref().unwrap_or(DEFAULT_HEALTH_PATH)
+    }
+    /// Interval with its default applied.
+    pub fn interval_ms(&self) -> u64 {
+        self.interval_ms.unwrap_or(DEFAULT_HEALTH_INTERVAL_MS)
+    }
+    /// Timeout with its default applied.
+    pub fn timeout_ms(&self) -> u64 {
+        self.timeout_ms.unwrap_or(DEFAULT_HEALTH_TIMEOUT_MS)
+    }
+    /// Rise with its default applied.
+    pub fn rise(&self) -> u32 {
+        self.rise.unwrap_or(DEFAULT_HEALTH_RISE)
+    }
+    /// Fall with its default applied.
+    pub fn fall(&self) -> u32 {
+        self.fall.unwrap_or(DEFAULT_HEALTH_FALL)
+    }
+    /// The same check with every default written out (for `check`).
+    pub fn effective(&self) -> HealthCheck {
+        let http = matches!(self.kind, HealthCheckType::Http | HealthCheckType::Https);
+        HealthCheck {
+            kind: self.kind,
+            path: http.then(|| self.path().to_string()),
+            interval_ms: Some(self.interval_ms()),
+            timeout_ms: Some(self.timeout_ms()),
+            rise: Some(self.rise()),
+            fall: Some(self.fall()),
+            ca_file: self.ca_file.clone(),
+        }
+    }
+}
+
+/// What happens to a backend's open connections when it is marked down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnMarkedDown {
+    /// Close them, so long-lived watches reconnect to a healthy backend.
+    #[default]
+    Close,
+    /// Leave them alone; only new connections avoid the backend.
+    Keep,
+}
+
+/// How a load balancer spreads new connections over healthy backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Balance {
+    /// In turn.
+    Roundrobin,
+    /// To the backend with the fewest open connections (ties in turn): long-lived watches that
+    /// piled up on the survivors of a restart are evened out by the next connections.
+    #[default]
+    Leastconn,
+}
+
 /// One backend server of a load balancer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -152,6 +287,18 @@ pub struct LoadBalancer {
     /// How long a failed backend is passed over, ms (default [`DEFAULT_BACKEND_COOLDOWN_MS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_cooldown_ms: Option<u64>,
+    /// Active health checks (default: `tcp` connect checks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+    /// What happens to a down backend's connections (default `close`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_marked_down: Option<OnMarkedDown>,
+    /// `roundrobin` or `leastconn` (default `leastconn`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<Balance>,
+    /// Most proxied connections at once (default [`DEFAULT_MAX_CONNECTIONS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
 }
 
 impl LoadBalancer {
@@ -164,6 +311,25 @@ impl LoadBalancer {
     pub fn backend_cooldown_ms(&self) -> u64 {
         self.backend_cooldown_ms
             .unwrap_or(DEFAULT_BACKEND_COOLDOWN_MS)
+    }
+    /// Health check with its defaults applied.
+    pub fn health_check(&self) -> HealthCheck {
+        self.health_check
+            .clone()
+            .unwrap_or_else(HealthCheck::default_for_0_1)
+            .effective()
+    }
+    /// `onMarkedDown` with its default applied.
+    pub fn on_marked_down(&self) -> OnMarkedDown {
+        self.on_marked_down.unwrap_or_default()
+    }
+    /// `balance` with its default applied.
+    pub fn balance(&self) -> Balance {
+        self.balance.unwrap_or_default()
+    }
+    /// `maxConnections` with its default applied.
+    pub fn max_connections(&self) -> u32 {
+        self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS)
     }
 }
 
@@ -326,6 +492,10 @@ impl Config {
         for lb in &mut c.load_balancers {
             lb.connect_timeout_ms = Some(lb.connect_timeout_ms());
             lb.backend_cooldown_ms = Some(lb.backend_cooldown_ms());
+            lb.health_check = Some(lb.health_check());
+            lb.on_marked_down = Some(lb.on_marked_down());
+            lb.balance = Some(lb.balance());
+            lb.max_connections = Some(lb.max_connections());
         }
         c
     }
@@ -471,6 +641,12 @@ impl Config {
             if lb.connect_timeout_ms == Some(0) {
                 p.push(format!("{field}.connectTimeoutMs: must be greater than 0"));
             }
+            if lb.max_connections == Some(0) {
+                p.push(format!("{field}.maxConnections: must be greater than 0"));
+            }
+            if let Some(hc) = &lb.health_check {
+                health_check_problems(&mut p, &field, hc);
+            }
             for (j, b) in lb.backends.iter().enumerate() {
                 if b.address == self.vip {
                     let a = b.address.to_string();
@@ -540,6 +716,45 @@ fn at_in_top(text: &str, key: &str) -> String {
         })
         .map(|n| format!(" (line {})", n + 1))
         .unwrap_or_default()
+}
+
+/// Problems of one `healthCheck`; `field` names its load balancer.
+fn health_check_problems(p: &mut Vec<String>, field: &str, hc: &HealthCheck) {
+    let http = matches!(hc.kind, HealthCheckType::Http | HealthCheckType::Https);
+    for (key, v) in [("intervalMs", hc.interval_ms), ("timeoutMs", hc.timeout_ms)] {
+        match v {
+            Some(0) => p.push(format!("{field}.healthCheck.{key}: must be greater than 0")),
+            Some(ms) if ms > MAX_HEALTH_MS => p.push(format!(
+                "{field}.healthCheck.{key}: {ms} is more than {MAX_HEALTH_MS} ms"
+            )),
+            _ => {}
+        }
+    }
+    for (key, v) in [("rise", hc.rise), ("fall", hc.fall)] {
+        if v == Some(0) {
+            p.push(format!("{field}.healthCheck.{key}: must be at least 1"));
+        }
+    }
+    if let Some(path) = &hc.path {
+        if !http {
+            p.push(format!(
+                "{field}.healthCheck.path: only http and https checks send a request"
+            ));
+        } else if !path.starts_with('/') || path.parse::<hyper::Uri>().is_err() {
+            p.push(format!(
+                "{field}.healthCheck.path: {path:?} is not an absolute path such as /readyz"
+            ));
+        }
+    }
+    if let Some(ca) = &hc.ca_file {
+        if hc.kind != HealthCheckType::Https {
+            p.push(format!(
+                "{field}.healthCheck.caFile: only https checks use a CA"
+            ));
+        } else if !ca.is_absolute() && ca.as_os_str().is_empty() {
+            p.push(format!("{field}.healthCheck.caFile: must not be empty"));
+        }
+    }
 }
 
 /// Like [`find_line`], but only inside the block of top-level key `section` (from its line to
@@ -675,5 +890,52 @@ mod tests {
         let text = serde_yaml::to_string(&c.effective()).expect("serialize");
         let again = parse(&text).expect("effective config must load");
         assert_eq!(again, c.effective());
+    }
+
+    fn with_lb(extra: &str) -> String {
+        format!(
+            "vip: 10.0.0.75\ninterface: eth0\nsingleNode: true\nloadBalancers:\n- name: api\n  type: tcp\n  port: 6443\n  backends:\n  - {{address: 10.0.0.70, port: 6444}}\n{extra}"
+        )
+    }
+
+    #[test]
+    fn health_check_defaults_and_0_1_configs() {
+        let c = parse(SEED).expect("seed");
+        let hc = c.load_balancers[0].health_check();
+        assert_eq!(hc.kind, HealthCheckType::Tcp);
+        assert_eq!(hc.interval_ms, Some(DEFAULT_HEALTH_INTERVAL_MS));
+        assert_eq!(hc.path, None);
+        let c = parse(&with_lb(
+            "  healthCheck: {type: https}\n  balance: roundrobin\n",
+        ))
+        .expect("parse");
+        let lb = &c.load_balancers[0];
+        assert_eq!(lb.health_check().path(), "/readyz");
+        assert_eq!(lb.balance(), Balance::Roundrobin);
+        assert_eq!(lb.on_marked_down(), OnMarkedDown::Close);
+    }
+
+    #[test]
+    fn health_check_errors_name_the_field() {
+        let e = parse(&with_lb(
+            "  healthCheck: {type: https, fall: 0, intervalMs: 0}\n",
+        ))
+        .expect_err("invalid");
+        assert!(e.contains("loadBalancers[0].healthCheck.fall"), "{e}");
+        assert!(e.contains("loadBalancers[0].healthCheck.intervalMs"), "{e}");
+        let e =
+            parse(&with_lb("  healthCheck: {type: tcp, caFile: /x.pem}\n")).expect_err("invalid");
+        assert!(e.contains("healthCheck.caFile: only https"), "{e}");
+        let e =
+            parse(&with_lb("  healthCheck: {type: http, path: readyz}\n")).expect_err("invalid");
+        assert!(e.contains("healthCheck.path"), "{e}");
+        let e = parse(&with_lb("  healthCheck: {type: grpc}\n")).expect_err("invalid");
+        assert!(e.contains("grpc"), "{e}");
+        let e = parse(&with_lb("  healthCheck: {type: tcp, intervall: 5}\n")).expect_err("invalid");
+        assert!(e.contains("intervall"), "{e}");
+        let e = parse(&with_lb("  maxConnections: 0\n")).expect_err("invalid");
+        assert!(e.contains("loadBalancers[0].maxConnections"), "{e}");
+        let e = parse(&with_lb("  onMarkedDown: drop\n")).expect_err("invalid");
+        assert!(e.contains("drop"), "{e}");
     }
 }

@@ -11,6 +11,7 @@ mod vip;
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use log::{error, info};
@@ -105,8 +106,20 @@ fn start(args: StartArgs) -> ExitCode {
             "clustered"
         }
     );
+    // The proxy's runtime first, so that its threads keep the nice value we started with.
+    lb::limits::init_fd_budget();
+    let proxy = match proxy_runtime() {
+        Ok(r) => r,
+        Err(e) => {
+            error!("cannot start the proxy runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    lb::set_proxy_runtime(proxy.handle().clone());
     raise_priority();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(CONTROL_THREADS)
+        .thread_name("kv-control")
         .enable_all()
         .build()
     {
@@ -116,13 +129,38 @@ fn start(args: StartArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config, args.disable_vip)) {
+    let result = runtime.block_on(run(config, args.disable_vip));
+    // Every listener was stopped by the agent; what is left (health checks) just ends.
+    proxy.shutdown_timeout(Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Worker threads of the control runtime (Raft, lease, VIP, probe, announcer): little work, but
+/// two so that one busy step (a Raft state write) never delays the lease timer.
+const CONTROL_THREADS: usize = 2;
+
+/// The runtime proxied connections and health checks run on, apart from the control path's and
+/// at the priority the process started with: a connection flood then competes with ordinary
+/// work, not with the lease timer, and the raised priority does not tax the clients and API
+/// servers that share the node's CPUs. Made before [`raise_priority`], and every thread it
+/// starts later (blocking pool) sets that priority again for itself.
+fn proxy_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    // SAFETY: getpriority has no memory effects; who = 0 is this thread.
+    let base = unsafe { nix::libc::getpriority(nix::libc::PRIO_PROCESS, 0) };
+    tokio::runtime::Builder::new_multi_thread()
+        .thread_name("kv-proxy")
+        .on_thread_start(move || {
+            // SAFETY: as above; lowering one's own priority (or keeping it) needs no privilege.
+            unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, base) };
+        })
+        .enable_all()
+        .build()
 }
 
 async fn run(config: Config, disable_vip: bool) -> Result<(), Box<dyn std::error::Error>> {

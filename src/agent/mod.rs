@@ -80,6 +80,8 @@ struct Agent {
     held: Option<(Instant, Instant)>,
     /// A probe failure was logged (it would repeat at every take).
     probe_failure_logged: bool,
+    /// Backends and health checks of every load balancer.
+    pools: lb::Pools,
 }
 
 /// A fatal start-up failure of the agent.
@@ -117,9 +119,11 @@ pub async fn run(
         .iter()
         .map(|p| p.socket_addr())
         .collect();
+    // Backends and their health checks live as long as the agent (see `lb::Pools`).
+    let pools = lb::Pools::start(&config.load_balancers);
     let mut always = Vec::new();
     for lbc in config.load_balancers.iter().filter(|l| !l.bind_to_vip) {
-        match RunningLb::start(lbc, lb::listen_addr(lbc, config.vip)).await {
+        match pools.start_lb(lbc, lb::listen_addr(lbc, config.vip)).await {
             Ok(r) => always.push(r),
             Err(e) => {
                 stop_all(always).await;
@@ -141,6 +145,7 @@ pub async fn run(
         peers,
         held: None,
         probe_failure_logged: false,
+        pools,
     };
     let mut result = Ok(());
     loop {
@@ -354,7 +359,7 @@ impl Agent {
             if i < self.vip_lbs.len() {
                 continue;
             }
-            match RunningLb::start(lbc, lb::listen_addr(lbc, vip)).await {
+            match self.pools.start_lb(lbc, lb::listen_addr(lbc, vip)).await {
                 Ok(r) => {
                     self.vip_lbs.push(r);
                     changed = true;

@@ -1,40 +1,98 @@
-//! Backend choice: round-robin, with a short cooldown for backends that just failed.
+//! Backend choice: healthy backends first, by `balance` (round-robin or least connections),
+//! with a short cooldown for backends that just failed a connect.
 //!
-//! A failed connect (refused, unreachable, timed out) puts the backend in cooldown: later picks
-//! try it only after every healthy backend, so one dead API server costs one failed connect per
-//! cooldown period instead of one per client. When every backend is cooling down they are all
-//! still tried in order: a cooldown is a hint, never a reason to refuse a client.
+//! Each backend has one [`Health`] state, fed by the active checks (`health`) and by failed
+//! connects of proxied clients (passive detection). New connections go to backends that are up
+//! and not cooling down; then to those cooling down; then to those marked down. So with every
+//! backend down clients are still tried in turn and fail fast as before: a check is a hint,
+//! never a reason to refuse a client outright (a wrong `caFile` must not take the API down).
+//!
+//! A failed connect puts the backend in cooldown, so one dead API server costs one failed
+//! connect per cooldown period instead of one per client, and counts as a failed check.
+//! When a backend is marked down and `onMarkedDown` is `close`, its open connections are told
+//! to close (see [`Lease::marked_down`]).
 
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use nix::errno::Errno;
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 
-/// The backends of one load balancer and their recent failures.
+use super::health::{Change, Checker, Health, HealthState, Outcome};
+use crate::config::{Balance, LoadBalancer, OnMarkedDown};
+
+/// Opens backend connections: TCP_NODELAY, keepalive and `TCP_USER_TIMEOUT` set, under a
+/// connect timeout.
+#[derive(Debug, Clone, Copy)]
+pub struct Connector {
+    /// Limit for one connect attempt.
+    pub timeout: Duration,
+}
+
+impl Connector {
+    /// Connects to `addr` within the timeout.
+    pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        match timeout(self.timeout, connect_nodelay(addr)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect timed out after {} ms", self.timeout.as_millis()),
+            )),
+        }
+    }
+}
+
+/// One backend: its address, health, cooldown and open connections.
+#[derive(Debug)]
+pub struct Backend {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Up or down, and why.
+    pub health: Health,
+    /// Ms since `Backends::epoch` until which it is in cooldown (0 = not cooling).
+    cooldown_until: AtomicU64,
+    /// Proxied connections open to it now (also those being connected).
+    active: AtomicUsize,
+    /// Bumped each time the backend is marked down; connections watch it.
+    downs: watch::Sender<u64>,
+    /// Mirror of `health`'s up flag, read on every pick without the lock.
+    up: AtomicBool,
+}
+
+/// The backends of one load balancer.
 #[derive(Debug)]
 pub struct Backends {
     /// Name of the load balancer, for log lines.
     name: String,
-    /// Backend endpoints in configured order.
-    addrs: Vec<SocketAddr>,
+    /// Backends in configured order.
+    backends: Vec<Backend>,
     /// Round-robin position: index of the backend the next client starts with.
     next: AtomicUsize,
-    /// Per backend: ms since `epoch` until which it is in cooldown (0 = healthy).
-    cooldown_until: Vec<AtomicU64>,
     /// Origin of the cooldown clock.
     epoch: Instant,
     /// How long a failed backend is passed over.
     cooldown: Duration,
-    /// Limit for one connect attempt.
-    connect_timeout: Duration,
+    /// Opens backend connections.
+    connector: Connector,
+    /// How new connections are spread.
+    balance: Balance,
+    /// Whether a backend marked down loses its open connections.
+    close_on_down: bool,
+    /// Whether active checks run: only then do failed connects count towards `fall` (without
+    /// checks nothing would ever bring the backend back).
+    checked: bool,
+    /// Backends up now, to log "all down" and its end once each.
+    up_count: AtomicUsize,
 }
 
 /// No backend accepted the connection.
@@ -49,66 +107,245 @@ pub struct AllFailed {
     pub last_error: io::Error,
 }
 
+/// A proxied connection's hold on its backend: counts it for `leastconn` until dropped, and
+/// tells when the backend is marked down.
+#[derive(Debug)]
+pub struct Lease {
+    /// The backends.
+    backends: Arc<Backends>,
+    /// Which one.
+    i: usize,
+    /// Its down counter, subscribed before the connect so no mark is missed.
+    downs: watch::Receiver<u64>,
+    /// Whether marks close the connection.
+    close_on_down: bool,
+}
+
+impl Lease {
+    /// Completes when the backend is marked down and `onMarkedDown` is `close`; never otherwise.
+    pub async fn marked_down(&mut self) {
+        if self.close_on_down && self.downs.changed().await.is_ok() {
+            return;
+        }
+        std::future::pending().await
+    }
+
+    /// The backend's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.backends.backends[self.i].addr
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.backends.backends[self.i]
+            .active
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Backends {
-    /// Backends for a load balancer named `name`. `addrs` must not be empty (config validation
-    /// guarantees it).
-    pub fn new(
-        name: &str,
-        addrs: Vec<SocketAddr>,
-        connect_timeout: Duration,
-        cooldown: Duration,
-    ) -> Backends {
+    /// Backends of load balancer `lb` (its list must not be empty; config validation sees to it).
+    pub fn new(lb: &LoadBalancer, checked: bool) -> Backends {
+        let hc = lb.health_check();
+        let backends: Vec<Backend> = lb
+            .backends
+            .iter()
+            .map(|b| Backend {
+                addr: b.socket_addr(),
+                health: Health::new(hc.rise(), hc.fall()),
+                cooldown_until: AtomicU64::new(0),
+                active: AtomicUsize::new(0),
+                downs: watch::Sender::new(0),
+                up: AtomicBool::new(true),
+            })
+            .collect();
         Backends {
-            name: name.to_string(),
-            cooldown_until: addrs.iter().map(|_| AtomicU64::new(0)).collect(),
-            addrs,
+            name: lb.name.clone(),
+            up_count: AtomicUsize::new(backends.len()),
+            backends,
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
-            cooldown,
-            connect_timeout,
+            cooldown: Duration::from_millis(lb.backend_cooldown_ms()),
+            connector: Connector {
+                timeout: Duration::from_millis(lb.connect_timeout_ms()),
+            },
+            balance: lb.balance(),
+            close_on_down: lb.on_marked_down() == OnMarkedDown::Close,
+            checked,
         }
     }
 
-    /// The order in which to try backends for one client: round-robin from the next start
-    /// position, backends in cooldown moved to the end (keeping their relative order).
+    /// Starts one checker task per backend on the current runtime; they run until aborted.
+    /// Checks of different backends are spread over the interval.
+    pub fn start_checks(self: &Arc<Self>, checker: Arc<Checker>) -> Vec<JoinHandle<()>> {
+        let n = self.backends.len().max(1) as u32;
+        (0..self.backends.len())
+            .map(|i| {
+                let me = self.clone();
+                let checker = checker.clone();
+                let offset = checker.interval / n * i as u32;
+                tokio::spawn(async move {
+                    let mut tick =
+                        tokio::time::interval_at(Instant::now() + offset, checker.interval);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tick.tick().await;
+                        let outcome = checker.check(me.backends[i].addr, &me.connector).await;
+                        debug!(
+                            "[{}] check of {}: {} ({} ms)",
+                            me.name,
+                            me.backends[i].addr,
+                            outcome.detail,
+                            outcome.took.as_millis()
+                        );
+                        me.record(i, outcome);
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// Health of every backend, in configured order (for a metrics module and tests).
+    #[allow(dead_code)]
+    pub fn health(&self) -> Vec<(SocketAddr, HealthState)> {
+        self.backends
+            .iter()
+            .map(|b| (b.addr, b.health.snapshot()))
+            .collect()
+    }
+
+    /// Counts a check result or a failed connect for backend `i`, and acts on a state change:
+    /// one log line, and a down mark for its connections.
+    fn record(&self, i: usize, outcome: Outcome) {
+        let b = &self.backends[i];
+        let detail = outcome.detail.clone();
+        let Some(Change { up, streak, after }) = b.health.record(outcome) else {
+            return;
+        };
+        b.up.store(up, Ordering::Relaxed);
+        let total = self.backends.len();
+        if up {
+            b.cooldown_until.store(0, Ordering::Relaxed);
+            info!(
+                "[{}] backend {} UP: {detail} ({streak} in a row; down for {:.1} s)",
+                self.name,
+                b.addr,
+                after.as_secs_f64()
+            );
+            if self.up_count.fetch_add(1, Ordering::Relaxed) == 0 {
+                info!("[{}] a backend is up again; clients go to it", self.name);
+            }
+        } else {
+            let open = b.active.load(Ordering::Relaxed);
+            let closing = if self.close_on_down && open > 0 {
+                format!("; closing its {open} connection(s)")
+            } else {
+                String::new()
+            };
+            warn!(
+                "[{}] backend {} DOWN: {detail} ({streak} in a row){closing}",
+                self.name, b.addr
+            );
+            b.downs.send_modify(|n| *n += 1);
+            if self.up_count.fetch_sub(1, Ordering::Relaxed) == 1 {
+                warn!(
+                    "[{}] all {total} backends are down; clients are still tried against them in turn",
+                    self.name
+                );
+            }
+        }
+    }
+
+    /// The order in which to try backends for one client: up and not cooling, then cooling,
+    /// then down; within each group by `balance` (round-robin from the next start position,
+    /// or fewest open connections with ties in round-robin order).
     pub fn order(&self) -> Vec<usize> {
-        let n = self.addrs.len();
+        let n = self.backends.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n.max(1);
         let now = self.now_ms();
         let mut order: Vec<usize> = (0..n).map(|i| (start + i) % n).collect();
-        // A stable sort keeps the round-robin order within each group; it stays a permutation
-        // even if a cooldown changes meanwhile. One allocation per client instead of three.
-        order.sort_by_key(|&i| self.cooldown_until[i].load(Ordering::Relaxed) > now);
+        let leastconn = self.balance == Balance::Leastconn;
+        // A stable sort keeps the round-robin order among equals; it stays a permutation even
+        // if a state changes meanwhile.
+        order.sort_by_key(|&i| {
+            let b = &self.backends[i];
+            let group = if !b.up.load(Ordering::Relaxed) {
+                2
+            } else if b.cooldown_until.load(Ordering::Relaxed) > now {
+                1
+            } else {
+                0
+            };
+            let load = if leastconn {
+                b.active.load(Ordering::Relaxed)
+            } else {
+                0
+            };
+            (group, load)
+        });
         order
     }
 
     /// Connects to the first backend that accepts, in [`Backends::order`].
-    pub async fn connect(&self) -> Result<(TcpStream, SocketAddr), AllFailed> {
+    pub async fn connect(self: &Arc<Self>) -> Result<(TcpStream, Lease), AllFailed> {
+        self.connect_in(self.order()).await
+    }
+
+    /// The address of backend `i` (an index from [`Backends::order`]).
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        self.backends[i].addr
+    }
+
+    /// Connects to the first backend that accepts, in `order` (from [`Backends::order`]).
+    pub async fn connect_in(
+        self: &Arc<Self>,
+        order: Vec<usize>,
+    ) -> Result<(TcpStream, Lease), AllFailed> {
         let mut last = None;
-        let order = self.order();
         for &i in &order {
-            let addr = self.addrs[i];
-            match self.connect_one(addr).await {
+            let b = &self.backends[i];
+            let downs = b.downs.subscribe();
+            b.active.fetch_add(1, Ordering::Relaxed);
+            let lease = Lease {
+                backends: self.clone(),
+                i,
+                downs,
+                close_on_down: self.close_on_down,
+            };
+            let started = Instant::now();
+            match self.connector.connect(b.addr).await {
                 Ok(stream) => {
-                    self.cooldown_until[i].store(0, Ordering::Relaxed);
-                    return Ok((stream, addr));
+                    b.cooldown_until.store(0, Ordering::Relaxed);
+                    return Ok((stream, lease));
                 }
                 Err(e) => {
-                    let was_healthy =
-                        self.cooldown_until[i].load(Ordering::Relaxed) <= self.now_ms();
-                    self.cooldown_until[i].store(
+                    drop(lease);
+                    let was_cool = b.cooldown_until.load(Ordering::Relaxed) <= self.now_ms();
+                    b.cooldown_until.store(
                         self.now_ms() + self.cooldown.as_millis() as u64,
                         Ordering::Relaxed,
                     );
-                    if was_healthy {
+                    if was_cool {
                         warn!(
-                            "[{}] backend {addr} failed: {e}; trying the next one",
-                            self.name
+                            "[{}] backend {} failed: {e}; trying the next one",
+                            self.name, b.addr
                         );
                     } else {
-                        debug!("[{}] backend {addr} still failing: {e}", self.name);
+                        debug!("[{}] backend {} still failing: {e}", self.name, b.addr);
                     }
-                    last = Some((addr, e));
+                    if self.checked {
+                        self.record(
+                            i,
+                            Outcome {
+                                ok: false,
+                                detail: format!("proxied connect: {e}"),
+                                at: Instant::now(),
+                                took: started.elapsed(),
+                            },
+                        );
+                    }
+                    last = Some((b.addr, e));
                 }
             }
         }
@@ -125,23 +362,13 @@ impl Backends {
         })
     }
 
-    async fn connect_one(&self, addr: SocketAddr) -> io::Result<TcpStream> {
-        match timeout(self.connect_timeout, connect_nodelay(addr)).await {
-            Ok(r) => r,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("connect timed out after {:?}", self.connect_timeout),
-            )),
-        }
-    }
-
     fn now_ms(&self) -> u64 {
-        // +1 so that a stored 0 always means "healthy", even in the first millisecond.
+        // +1 so that a stored 0 always means "not cooling", even in the first millisecond.
         self.epoch.elapsed().as_millis() as u64 + 1
     }
 }
 
-/// Connects to `addr` with TCP_NODELAY set. What `TcpSocket::connect` does, less its
+/// Connects to `addr` with TCP_NODELAY, keepalive and `TCP_USER_TIMEOUT` set. What `TcpSocket::connect` does, less its
 /// getsockopt(SO_ERROR) once the handshake is over: the readiness that ends the wait already
 /// tells a failed connect (EPOLLERR or EPOLLHUP) from a good one, so the error is fetched only
 /// for a failure. One syscall fewer on every proxied connection.
@@ -158,6 +385,7 @@ async fn connect_nodelay(addr: SocketAddr) -> io::Result<TcpStream> {
         None,
     )?;
     socket::setsockopt(&fd, sockopt::TcpNoDelay, &true)?;
+    super::limits::set_tcp_timeouts(&fd)?;
     match socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
         Ok(()) | Err(Errno::EINPROGRESS) => {}
         Err(e) => return Err(e.into()),
@@ -175,22 +403,52 @@ async fn connect_nodelay(addr: SocketAddr) -> io::Result<TcpStream> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Backend as BackendConfig, LbType, Port};
 
-    fn backends(n: u16) -> Backends {
-        let addrs = (0..n)
+    fn lb(addrs: &[SocketAddr], balance: Balance) -> LoadBalancer {
+        LoadBalancer {
+            name: "t".into(),
+            kind: LbType::Tcp,
+            port: Port(1),
+            bind_to_vip: false,
+            backends: addrs
+                .iter()
+                .map(|a| BackendConfig {
+                    address: a.ip(),
+                    port: Port(a.port()),
+                })
+                .collect(),
+            connect_timeout_ms: Some(1000),
+            backend_cooldown_ms: Some(60_000),
+            health_check: None,
+            on_marked_down: None,
+            balance: Some(balance),
+            max_connections: None,
+        }
+    }
+
+    fn backends(n: u16, balance: Balance) -> Backends {
+        let addrs: Vec<SocketAddr> = (0..n)
             .map(|i| SocketAddr::from(([127, 0, 0, 1], 1000 + i)))
             .collect();
-        Backends::new(
-            "t",
-            addrs,
-            Duration::from_millis(100),
-            Duration::from_secs(60),
-        )
+        Backends::new(&lb(&addrs, balance), true)
+    }
+
+    fn fail(b: &Backends, i: usize) {
+        b.record(
+            i,
+            Outcome {
+                ok: false,
+                detail: "test".into(),
+                at: Instant::now(),
+                took: Duration::ZERO,
+            },
+        );
     }
 
     #[test]
     fn round_robin_rotates_start() {
-        let b = backends(3);
+        let b = backends(3, Balance::Roundrobin);
         assert_eq!(b.order(), vec![0, 1, 2]);
         assert_eq!(b.order(), vec![1, 2, 0]);
         assert_eq!(b.order(), vec![2, 0, 1]);
@@ -199,9 +457,35 @@ mod tests {
 
     #[test]
     fn cooling_backends_go_last() {
-        let b = backends(3);
-        b.cooldown_until[0].store(u64::MAX, Ordering::Relaxed);
+        let b = backends(3, Balance::Roundrobin);
+        b.backends[0]
+            .cooldown_until
+            .store(u64::MAX, Ordering::Relaxed);
         assert_eq!(b.order(), vec![1, 2, 0]);
+        assert_eq!(b.order(), vec![1, 2, 0]);
+        assert_eq!(b.order(), vec![2, 1, 0]);
+    }
+
+    #[test]
+    fn down_backends_go_after_cooling_ones() {
+        let b = backends(3, Balance::Roundrobin);
+        fail(&b, 0);
+        fail(&b, 0);
+        b.backends[1]
+            .cooldown_until
+            .store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(b.order(), vec![2, 1, 0]);
+        assert!(!b.health()[0].1.up);
+    }
+
+    #[test]
+    fn leastconn_prefers_fewest_open() {
+        let b = backends(3, Balance::Leastconn);
+        b.backends[0].active.store(5, Ordering::Relaxed);
+        b.backends[1].active.store(1, Ordering::Relaxed);
+        assert_eq!(b.order(), vec![2, 1, 0]);
+        b.backends[2].active.store(1, Ordering::Relaxed);
+        // Ties in round-robin order (start positions 1, then 2).
         assert_eq!(b.order(), vec![1, 2, 0]);
         assert_eq!(b.order(), vec![2, 1, 0]);
     }
@@ -216,15 +500,17 @@ mod tests {
             .await
             .expect("bind");
         let live_addr = live.local_addr().expect("addr");
-        let b = Backends::new(
-            "t",
-            vec![dead_addr, live_addr],
-            Duration::from_secs(1),
-            Duration::from_secs(60),
-        );
-        let (_, got) = b.connect().await.expect("connect");
-        assert_eq!(got, live_addr);
-        assert!(b.cooldown_until[0].load(Ordering::Relaxed) > 0);
+        let b = Arc::new(Backends::new(
+            &lb(&[dead_addr, live_addr], Balance::Roundrobin),
+            true,
+        ));
+        let (_, lease) = b.connect().await.expect("connect");
+        assert_eq!(lease.addr(), live_addr);
+        assert!(b.backends[0].cooldown_until.load(Ordering::Relaxed) > 0);
+        assert_eq!(b.backends[1].active.load(Ordering::Relaxed), 1);
+        drop(lease);
+        assert_eq!(b.backends[1].active.load(Ordering::Relaxed), 0);
+        assert_eq!(b.backends[0].active.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]
@@ -232,14 +518,27 @@ mod tests {
         let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let dead_addr = dead.local_addr().expect("addr");
         drop(dead);
-        let b = Backends::new(
-            "t",
-            vec![dead_addr, dead_addr],
-            Duration::from_secs(1),
-            Duration::from_secs(60),
-        );
+        let b = Arc::new(Backends::new(
+            &lb(&[dead_addr, dead_addr], Balance::Roundrobin),
+            true,
+        ));
         let err = b.connect().await.expect_err("must fail");
         assert_eq!(err.tried, 2);
         assert_eq!(err.last_addr, dead_addr);
+    }
+
+    #[tokio::test]
+    async fn marking_down_wakes_leases() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let live_addr = live.local_addr().expect("addr");
+        let b = Arc::new(Backends::new(&lb(&[live_addr], Balance::Leastconn), true));
+        let (_s, mut lease) = b.connect().await.expect("connect");
+        fail(&b, 0);
+        fail(&b, 0);
+        tokio::time::timeout(Duration::from_secs(1), lease.marked_down())
+            .await
+            .expect("lease sees the mark");
     }
 }

@@ -1,24 +1,35 @@
 //! The `http` load balancer: an HTTP/1.1 reverse proxy on hyper.
 //!
-//! Each request gets a backend from the same round-robin as the `tcp` proxy, so a dead backend is
-//! skipped before the request is sent (a connect failure never consumes the request). Requests
+//! Each request gets a backend from the same choice as the `tcp` proxy (health, `balance`), so a
+//! dead backend is skipped before the request is sent (a connect failure never consumes the
+//! request). Backend connections are pooled per backend and reused once their answer is over; a
+//! pooled connection that turns out to be closing gives the request back for the next one.
+//! Clients get [`HEADER_READ_TIMEOUT`] to send their headers, backends [`REQUEST_TIMEOUT`] to
+//! answer. Requests
 //! carry X-Forwarded-For (appended), X-Forwarded-Host and X-Forwarded-Proto; hop-by-hop headers
 //! are dropped as RFC 9110 7.6.1 asks of a proxy.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
 use tokio::net::TcpListener;
 
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
 use super::backends::Backends;
+use super::Admission;
 use crate::shutdown::Shutdown;
 
 /// Response body: a backend's streamed body, or our own short error text.
@@ -35,14 +46,35 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
+/// Longest time a client may take to send a request's headers; hyper closes the connection
+/// after it (also between requests of a kept-alive connection), so slow-header clients cannot
+/// hold connections for ever.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest time a backend may take to answer a request with its headers; then the client gets
+/// 504. Long enough for slow API calls (kube-apiserver's own default request timeout is 60 s);
+/// a streamed body (a watch) is not bounded once its headers came.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(70);
+
 /// Accepts clients until `shutdown` fires, then aborts every open connection.
-pub async fn serve(listener: TcpListener, backends: Arc<Backends>, shutdown: Shutdown) {
-    super::accept_loop(listener, shutdown, move |client, peer| {
+pub async fn serve(
+    listener: TcpListener,
+    backends: Arc<Backends>,
+    limit: Arc<Semaphore>,
+    shutdown: Shutdown,
+) {
+    let pool = Arc::new(Pool::default());
+    super::accept_loop(listener, limit, shutdown, move |client, peer, admission| {
         let backends = backends.clone();
+        let pool = pool.clone();
         // TCP_NODELAY comes with the socket, inherited from the listener (see `lb::listen`).
         async move {
-            let svc = hyper::service::service_fn(move |req| forward(req, peer, backends.clone()));
+            let _admission: Admission = admission;
+            let svc = hyper::service::service_fn(move |req| {
+                forward(req, peer, backends.clone(), pool.clone())
+            });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(client), svc)
                 .await
             {
@@ -53,12 +85,84 @@ pub async fn serve(listener: TcpListener, backends: Arc<Backends>, shutdown: Shu
     .await;
 }
 
+/// Most idle backend connections kept per backend for reuse.
+const POOL_MAX_IDLE: usize = 64;
+/// An idle backend connection older than this is closed instead of reused: backends close idle
+/// keep-alive connections after a while themselves, and a request sent on one that is being
+/// closed is lost.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Idle connections to one backend, each with the time it became idle.
+type Idle = Vec<(Instant, SendRequest<Incoming>)>;
+
+/// Idle backend connections of one load balancer, per backend: a request reuses one instead of
+/// a new connect and handshake.
+#[derive(Default)]
+struct Pool {
+    /// Per backend, the idle connections and since when they are idle.
+    idle: Mutex<HashMap<SocketAddr, Idle>>,
+}
+
+impl Pool {
+    /// An idle connection to `addr` that can take a request now.
+    fn take(&self, addr: SocketAddr) -> Option<SendRequest<Incoming>> {
+        let mut idle = self.idle.lock().ok()?;
+        let list = idle.get_mut(&addr)?;
+        while let Some((since, s)) = list.pop() {
+            if since.elapsed() < POOL_IDLE_TIMEOUT && s.is_ready() && !s.is_closed() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Keeps `sender` once its current answer is over (a watch's never is: then it is dropped
+    /// with its connection).
+    fn recycle(self: &Arc<Self>, addr: SocketAddr, mut sender: SendRequest<Incoming>) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                if let Ok(mut idle) = pool.idle.lock() {
+                    let list = idle.entry(addr).or_default();
+                    if list.len() < POOL_MAX_IDLE {
+                        list.push((Instant::now(), sender));
+                    }
+                }
+            }
+        });
+    }
+}
+
 async fn forward(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     backends: Arc<Backends>,
+    pool: Arc<Pool>,
 ) -> Result<Response<Body>, Infallible> {
-    let (stream, backend) = match backends.connect().await {
+    add_forwarding_headers(req.headers_mut(), peer);
+    let order = backends.order();
+    // A pooled connection to the first choice, if there is one: no connect, no handshake.
+    if let Some(&first) = order.first() {
+        let addr = backends.addr(first);
+        while let Some(mut sender) = pool.take(addr) {
+            match tokio::time::timeout(REQUEST_TIMEOUT, sender.try_send_request(req)).await {
+                Err(_) => return Ok(timed_out(peer, addr)),
+                Ok(Ok(resp)) => {
+                    pool.recycle(addr, sender);
+                    return Ok(relay(resp));
+                }
+                Ok(Err(mut e)) => match e.take_message() {
+                    // Not sent (the connection was closing): try the next one.
+                    Some(r) => req = r,
+                    None => {
+                        warn!("http request from {peer} to {addr}: {}", e.error());
+                        return Ok(error_response(StatusCode::BAD_GATEWAY, "backend failed\n"));
+                    }
+                },
+            }
+        }
+    }
+    let (stream, mut lease) = match backends.connect_in(order).await {
         Ok(s) => s,
         Err(e) => {
             warn!("http request from {peer}: {e}");
@@ -68,6 +172,7 @@ async fn forward(
             ));
         }
     };
+    let backend = lease.addr();
     let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
     {
         Ok(pair) => pair,
@@ -79,24 +184,46 @@ async fn forward(
             ));
         }
     };
-    // Drives the backend connection; it ends once the response body is read or dropped.
+    // Drives the backend connection for as long as a request or the pool uses it, or until the
+    // backend is marked down (`onMarkedDown: close`): a streamed answer then ends.
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            debug!("backend {backend}: {e}");
+        tokio::select! {
+            r = conn => if let Err(e) = r {
+                debug!("backend {backend}: {e}");
+            },
+            _ = lease.marked_down() => debug!("backend {backend} marked down: closing a connection to it"),
         }
     });
-    add_forwarding_headers(req.headers_mut(), peer);
-    match sender.send_request(req).await {
-        Ok(resp) => {
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            Ok(Response::from_parts(parts, body.boxed()))
+    match tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(req)).await {
+        Err(_) => Ok(timed_out(peer, backend)),
+        Ok(Ok(resp)) => {
+            pool.recycle(backend, sender);
+            Ok(relay(resp))
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             warn!("http request from {peer} to {backend}: {e}");
             Ok(error_response(StatusCode::BAD_GATEWAY, "backend failed\n"))
         }
     }
+}
+
+/// A backend's answer, as sent on to the client.
+fn relay(resp: Response<Incoming>) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body.boxed())
+}
+
+/// The answer when a backend sent no answer headers within [`REQUEST_TIMEOUT`].
+fn timed_out(peer: SocketAddr, backend: SocketAddr) -> Response<Body> {
+    warn!(
+        "http request from {peer} to {backend}: no answer within {} s",
+        REQUEST_TIMEOUT.as_secs()
+    );
+    error_response(
+        StatusCode::GATEWAY_TIMEOUT,
+        "backend did not answer in time\n",
+    )
 }
 
 /// Sets the X-Forwarded-* headers and removes hop-by-hop ones from a request.
@@ -144,6 +271,73 @@ fn error_response(status: StatusCode, text: &'static str) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Backend, HealthCheck, HealthCheckType, LbType, LoadBalancer, Port};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Sequential requests through the `http` load balancer reuse one backend connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn backend_connections_are_pooled() {
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let backend_addr = backend.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = backend.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hi"))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let config = LoadBalancer {
+            name: "web".into(),
+            kind: LbType::Http,
+            port: Port(port),
+            bind_to_vip: false,
+            backends: vec![Backend {
+                address: backend_addr.ip(),
+                port: Port(backend_addr.port()),
+            }],
+            connect_timeout_ms: None,
+            backend_cooldown_ms: None,
+            health_check: Some(HealthCheck {
+                kind: HealthCheckType::None,
+                ..HealthCheck::default_for_0_1()
+            }),
+            on_marked_down: None,
+            balance: None,
+            max_connections: None,
+        };
+        let pools = crate::lb::Pools::start(std::slice::from_ref(&config));
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let lb = pools.start_lb(&config, addr).await.expect("start");
+        for _ in 0..5 {
+            let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .expect("write");
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).await.expect("read");
+            assert!(got.ends_with(b"hi"), "{}", String::from_utf8_lossy(&got));
+            // The pool takes the connection back once the answer is over.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        lb.stop().await;
+    }
 
     #[test]
     fn forwarding_headers_append_and_strip() {

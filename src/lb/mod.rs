@@ -1,22 +1,105 @@
 //! Load balancers: one listener per `loadBalancers` entry, forwarding to its backends.
 
 pub mod backends;
+pub mod health;
 pub mod http;
+pub mod limits;
 pub mod tcp;
+pub mod tls;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use log::{info, warn};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::runtime::Handle;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::{LbType, LoadBalancer};
 use crate::shutdown::{self, Shutdown, Trigger};
 use backends::Backends;
+use health::Checker;
+
+/// The runtime proxied connections and health checks run on, if `main` made one apart from the
+/// control path's; else the caller's runtime (tests).
+static PROXY_RUNTIME: OnceLock<Handle> = OnceLock::new();
+
+/// Makes `handle` the runtime of every load balancer and health check started from now on.
+pub fn set_proxy_runtime(handle: Handle) {
+    let _ = PROXY_RUNTIME.set(handle);
+}
+
+/// The proxy runtime (see [`set_proxy_runtime`]).
+fn proxy_runtime() -> Handle {
+    PROXY_RUNTIME.get().cloned().unwrap_or_else(Handle::current)
+}
+
+/// The backends and running health checks of every load balancer, for the agent's whole life:
+/// checks run whether or not this node holds the VIP, so a new leader knows backend health the
+/// moment it takes it, and a `bindToVip` listener that is stopped and started again keeps it.
+#[derive(Debug, Default)]
+pub struct Pools {
+    /// Backends per load balancer, by port (ports are unique per config).
+    by_port: HashMap<u16, Arc<Backends>>,
+    /// The checker tasks; aborted on drop.
+    checks: Vec<JoinHandle<()>>,
+}
+
+impl Pools {
+    /// Backends for every entry of `lbs`, with their checks started on the proxy runtime.
+    pub fn start(lbs: &[LoadBalancer]) -> Pools {
+        let rt = proxy_runtime();
+        let _in_rt = rt.enter();
+        let mut pools = Pools::default();
+        for lb in lbs {
+            let hc = lb.health_check();
+            let checker = Checker::new(&hc).map(Arc::new);
+            let backends = Arc::new(Backends::new(lb, checker.is_some()));
+            if let Some(c) = checker {
+                info!(
+                    "load balancer {:?}: {:?} health checks{} every {} ms (timeout {} ms, down after {}, up after {} in a row)",
+                    lb.name,
+                    hc.kind,
+                    hc.path.as_deref().map(|p| format!(" of {p}")).unwrap_or_default(),
+                    hc.interval_ms(),
+                    hc.timeout_ms(),
+                    hc.fall(),
+                    hc.rise()
+                );
+                pools.checks.extend(backends.start_checks(c));
+            }
+            pools.by_port.insert(lb.port.0, backends);
+        }
+        pools
+    }
+
+    /// Starts serving `lb` on `addr` with its backends.
+    pub async fn start_lb(
+        &self,
+        lb: &LoadBalancer,
+        addr: SocketAddr,
+    ) -> Result<RunningLb, ListenError> {
+        let backends = match self.by_port.get(&lb.port.0) {
+            Some(b) => b.clone(),
+            // Not from the config these pools were made from (cannot happen): unchecked backends.
+            None => Arc::new(Backends::new(lb, false)),
+        };
+        RunningLb::start(lb, backends, addr).await
+    }
+}
+
+impl Drop for Pools {
+    fn drop(&mut self) {
+        for c in &self.checks {
+            c.abort();
+        }
+    }
+}
 
 /// Connections the kernel queues for a listener until they are accepted (capped by
 /// `net.core.somaxconn`). tokio's `TcpListener::bind` asks for 128, which overflows when a few
@@ -70,34 +153,40 @@ pub fn listen_addr(lb: &LoadBalancer, vip: IpAddr) -> SocketAddr {
 }
 
 impl RunningLb {
-    /// Binds `addr` and starts serving `lb`.
-    pub async fn start(lb: &LoadBalancer, addr: SocketAddr) -> Result<RunningLb, ListenError> {
-        let listener = listen(addr).map_err(|source| ListenError {
-            name: lb.name.clone(),
-            addr,
-            source,
-        })?;
-        let addrs: Vec<SocketAddr> = lb.backends.iter().map(|b| b.socket_addr()).collect();
+    /// Binds `addr` and starts serving `lb` with `backends`, on the proxy runtime.
+    pub async fn start(
+        lb: &LoadBalancer,
+        backends: Arc<Backends>,
+        addr: SocketAddr,
+    ) -> Result<RunningLb, ListenError> {
+        let rt = proxy_runtime();
+        // The listener registers with the runtime it is made in: the proxy's.
+        let listener = {
+            let _in_rt = rt.enter();
+            listen(addr).map_err(|source| ListenError {
+                name: lb.name.clone(),
+                addr,
+                source,
+            })?
+        };
+        let addrs: Vec<String> = lb
+            .backends
+            .iter()
+            .map(|b| b.socket_addr().to_string())
+            .collect();
         info!(
-            "load balancer {:?} ({:?}) listening on {addr}, backends {}",
+            "load balancer {:?} ({:?}, {:?}) listening on {addr}, backends {}, at most {} connections",
             lb.name,
             lb.kind,
-            addrs
-                .iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            lb.balance(),
+            addrs.join(", "),
+            lb.max_connections()
         );
-        let backends = Arc::new(Backends::new(
-            &lb.name,
-            addrs,
-            Duration::from_millis(lb.connect_timeout_ms()),
-            Duration::from_millis(lb.backend_cooldown_ms()),
-        ));
+        let limit = Arc::new(Semaphore::new(lb.max_connections() as usize));
         let (stop, signal) = shutdown::channel();
         let task = match lb.kind {
-            LbType::Tcp => tokio::spawn(tcp::serve(listener, backends, signal)),
-            LbType::Http => tokio::spawn(http::serve(listener, backends, signal)),
+            LbType::Tcp => rt.spawn(tcp::serve(listener, backends, limit, signal)),
+            LbType::Http => rt.spawn(http::serve(listener, backends, limit, signal)),
         };
         Ok(RunningLb {
             name: lb.name.clone(),
@@ -117,8 +206,9 @@ impl RunningLb {
 
 /// A listening socket on `addr` with a backlog of [`LISTEN_BACKLOG`] (and SO_REUSEADDR, as
 /// `TcpListener::bind` sets it, so a restart does not wait for old connections' TIME_WAIT).
-/// TCP_NODELAY is set on the listener: Linux copies it to every accepted socket, which spares a
-/// setsockopt per connection (both proxies want it: a short answer must not wait for an ACK).
+/// TCP_NODELAY, keepalive and `TCP_USER_TIMEOUT` are set on the listener: Linux copies them to
+/// every accepted socket, which spares setsockopts per connection (both proxies want them: a
+/// short answer must not wait for an ACK, and a vanished client must not hold a connection).
 fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -127,17 +217,33 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     };
     socket.set_reuseaddr(true)?;
     socket.set_nodelay(true)?;
+    limits::set_tcp_timeouts(&socket)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// What an accepted connection holds while it lives: its place under `maxConnections` and its
+/// descriptors in the proxy's budget.
+#[derive(Debug)]
+pub struct Admission {
+    /// One of the load balancer's `maxConnections`.
+    _slot: OwnedSemaphorePermit,
+    /// Its descriptors (see [`limits`]).
+    _fds: OwnedSemaphorePermit,
 }
 
 /// The accept loop of both load balancer kinds: runs `handle` for every client as a task of its
 /// own until `shutdown` fires, then aborts all of those tasks and waits until they are gone, so
 /// that no connection outlives its listener (which matters when the VIP moves away and these
-/// sockets can no longer be answered).
-async fn accept_loop<F, Fut>(listener: TcpListener, mut shutdown: Shutdown, mut handle: F)
-where
-    F: FnMut(TcpStream, SocketAddr) -> Fut,
+/// sockets can no longer be answered). A client is accepted only with a free slot under
+/// `limit` and descriptors in the budget; until then it waits in the listen backlog.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    limit: Arc<Semaphore>,
+    mut shutdown: Shutdown,
+    mut handle: F,
+) where
+    F: FnMut(TcpStream, SocketAddr, Admission) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut conns = JoinSet::new();
@@ -145,23 +251,65 @@ where
     tokio::pin!(stop);
     let mut reap = tokio::time::interval(REAP_INTERVAL);
     reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            _ = &mut stop => break,
-            accepted = listener.accept() => match accepted {
-                Ok((client, peer)) => {
-                    conns.spawn(handle(client, peer));
-                    // Collecting finished tasks here rather than waiting on `join_next` spares
-                    // this task a wake-up for every connection that ends.
-                    while conns.try_join_next().is_some() {}
+    let mut full_logged = false;
+    'accept: loop {
+        // Both permits are free in the common case: no await, no extra wake-up.
+        let slot = match limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if !full_logged {
+                    warn!(
+                        "{}: maxConnections reached; new clients wait in the listen backlog",
+                        listener.local_addr().map_or("?".into(), |a| a.to_string())
+                    );
+                    full_logged = true;
                 }
-                Err(e) => {
-                    warn!("accept failed: {e}");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                tokio::select! {
+                    biased;
+                    _ = &mut stop => break,
+                    p = limit.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
                 }
+            }
+        };
+        let fds = match limits::try_reserve_fds(limits::FDS_PER_CONNECTION) {
+            Some(p) => p,
+            None => tokio::select! {
+                biased;
+                _ = &mut stop => break,
+                p = limits::reserve_fds(limits::FDS_PER_CONNECTION) => p,
             },
-            _ = reap.tick() => while conns.try_join_next().is_some() {},
+        };
+        let mut admission = Some(Admission {
+            _slot: slot,
+            _fds: fds,
+        });
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut stop => break 'accept,
+                accepted = listener.accept() => match accepted {
+                    Ok((client, peer)) => {
+                        if let Some(a) = admission.take() {
+                            conns.spawn(handle(client, peer, a));
+                        }
+                        // Collecting finished tasks here rather than waiting on `join_next`
+                        // spares this task a wake-up for every connection that ends.
+                        while conns.try_join_next().is_some() {}
+                        if limit.available_permits() > 0 {
+                            full_logged = false;
+                        }
+                        continue 'accept;
+                    }
+                    Err(e) => {
+                        warn!("accept failed: {e}");
+                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    }
+                },
+                _ = reap.tick() => while conns.try_join_next().is_some() {},
+            }
         }
     }
     conns.shutdown().await;

@@ -28,7 +28,10 @@ use nix::unistd::{pipe2, read, write};
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use super::backends::Backends;
+use super::{limits, Admission};
 use crate::shutdown::Shutdown;
 
 /// Reads of up to this many bytes go through the thread's buffer; a read that fills it switches its
@@ -41,17 +44,29 @@ pub const SMALL_READ: usize = 16 * 1024;
 const SPLICE_MAX: usize = 1 << 20;
 
 /// Accepts clients until `shutdown` fires, then aborts every open connection.
-pub async fn serve(listener: TcpListener, backends: Arc<Backends>, shutdown: Shutdown) {
-    super::accept_loop(listener, shutdown, move |client, peer| {
-        proxy(client, peer, backends.clone())
+pub async fn serve(
+    listener: TcpListener,
+    backends: Arc<Backends>,
+    limit: Arc<Semaphore>,
+    shutdown: Shutdown,
+) {
+    super::accept_loop(listener, limit, shutdown, move |client, peer, admission| {
+        proxy(client, peer, backends.clone(), admission)
     })
     .await;
 }
 
-/// Proxies one client. TCP_NODELAY is already set: accepted sockets inherit it from the
-/// listener (see `lb::listen`).
-async fn proxy(client: TcpStream, peer: SocketAddr, backends: Arc<Backends>) {
-    let (server, backend) = match backends.connect().await {
+/// Proxies one client. TCP_NODELAY, keepalive and `TCP_USER_TIMEOUT` are already set: accepted
+/// sockets inherit them from the listener (see `lb::listen`). Ends early, closing both sides,
+/// when the backend is marked down (with `onMarkedDown: close`), so the client reconnects to a
+/// healthy one.
+async fn proxy(
+    client: TcpStream,
+    peer: SocketAddr,
+    backends: Arc<Backends>,
+    _admission: Admission,
+) {
+    let (server, mut lease) = match backends.connect().await {
         Ok(s) => s,
         Err(e) => {
             // Closing at once tells the client to retry elsewhere; holding it open helps nobody.
@@ -59,16 +74,25 @@ async fn proxy(client: TcpStream, peer: SocketAddr, backends: Arc<Backends>) {
             return;
         }
     };
+    let backend = lease.addr();
     debug!("{peer} -> {backend}");
     // An atomic only because the future must be Send; both directions run in this one task.
     let one_done = AtomicBool::new(false);
-    match tokio::try_join!(
-        pump(&client, &server, &one_done),
-        pump(&server, &client, &one_done)
-    ) {
-        Ok((up, down)) => debug!("{peer} -> {backend} closed ({up} bytes up, {down} down)"),
-        Err(e) if is_disconnect(&e) => debug!("{peer} -> {backend} reset: {e}"),
-        Err(e) => warn!("{peer} -> {backend}: {e}"),
+    let both = async {
+        tokio::try_join!(
+            pump(&client, &server, &one_done),
+            pump(&server, &client, &one_done)
+        )
+    };
+    tokio::select! {
+        r = both => match r {
+            Ok((up, down)) => debug!("{peer} -> {backend} closed ({up} bytes up, {down} down)"),
+            Err(e) if is_disconnect(&e) => debug!("{peer} -> {backend} reset: {e}"),
+            Err(e) => warn!("{peer} -> {backend}: {e}"),
+        },
+        _ = lease.marked_down() => {
+            debug!("{peer} -> {backend}: backend marked down, closing");
+        }
     }
 }
 
@@ -76,6 +100,8 @@ async fn proxy(client: TcpStream, peer: SocketAddr, backends: Arc<Backends>) {
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    /// Its two descriptors in the proxy's budget.
+    _fds: OwnedSemaphorePermit,
 }
 
 /// Empty pipes from finished connections. Making a pipe and closing it again costs three
@@ -87,13 +113,18 @@ static PIPE_POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 const PIPE_POOL_MAX: usize = 64;
 
 impl Pipe {
-    /// A pipe from the pool, or a new one.
+    /// A pipe from the pool, or a new one if the descriptor budget allows.
     fn get() -> io::Result<Pipe> {
         if let Some(p) = PIPE_POOL.lock().ok().and_then(|mut pool| pool.pop()) {
             return Ok(p);
         }
+        let fds = limits::try_reserve_fds(2).ok_or(io::Error::from(io::ErrorKind::OutOfMemory))?;
         let (read, write) = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-        Ok(Pipe { read, write })
+        Ok(Pipe {
+            read,
+            write,
+            _fds: fds,
+        })
     }
 
     /// Returns a pipe to the pool. Only for a pipe known to be empty: one left holding bytes
@@ -375,14 +406,22 @@ mod tests {
             }],
             connect_timeout_ms: Some(1000),
             backend_cooldown_ms: None,
+            // The test backends accept only the connections the tests make.
+            health_check: Some(crate::config::HealthCheck {
+                kind: crate::config::HealthCheckType::None,
+                ..crate::config::HealthCheck::default_for_0_1()
+            }),
+            on_marked_down: None,
+            balance: None,
+            max_connections: None,
         }
     }
 
     async fn start_lb(backend: SocketAddr) -> (RunningLb, SocketAddr) {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let lb = RunningLb::start(&tcp_lb(addr.port(), backend), addr)
-            .await
-            .expect("start");
+        let config = tcp_lb(addr.port(), backend);
+        let pools = crate::lb::Pools::start(std::slice::from_ref(&config));
+        let lb = pools.start_lb(&config, addr).await.expect("start");
         (lb, addr)
     }
 

@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# scripts/bench health: failed requests per backend fault kind, ours vs HAProxy 2.6 configured as
+# kubeadm's HA guide (option httpchk GET /readyz, http-check expect status 200, check check-ssl
+# verify none, default inter/fall/rise). Same namespaces, same three TLS backends
+# (tests/support/readyz_backend.py), same client: a new TLS request every 10 ms through the
+# load balancer (tests/support/tls_client.py). Each run: 2 s healthy, the fault, 6 s more.
+# Reports failed requests and ms from the fault to the last failure, rewriting its own section
+# of BENCHMARKS.md. Run under `flock /tmp/kv-heavy.lock`. ~2 minutes.
+set -euo pipefail
+TAG=h$$
+# shellcheck source=tests/lib.sh
+source "$(dirname "$0")/../tests/lib.sh"
+OUT=${BENCH_OUT:-$ROOT/BENCHMARKS.md}
+FAULTS=(${BENCH_FAULTS:-unready killed blackholed})
+TARGETS=(${BENCH_TARGETS:-ours haproxy})
+command -v haproxy >/dev/null || "$ROOT/scripts/deps" bench
+
+mkns L lb
+mkns B back
+ip link add "l$TAG" type veth peer name "b$TAG"
+ip link set "l$TAG" netns "$L" name eth0
+ip link set "b$TAG" netns "$B" name eth0
+nsx "$L" ip addr add 10.89.0.1/24 dev eth0
+nsx "$L" ip link set eth0 up
+nsx "$B" ip link set eth0 up
+for i in 1 2 3; do nsx "$B" ip addr add 10.89.0.1$i/24 dev eth0; done
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=kube-apiserver" \
+  -addext "subjectAltName=IP:10.89.0.11,IP:10.89.0.12,IP:10.89.0.13" \
+  -keyout "$WORK/server.key" -out "$WORK/server.crt" 2>/dev/null
+
+cat > "$WORK/ours.yaml" <<EOF
+vip: 10.89.0.100
+interface: eth0
+singleNode: true
+loadBalancers:
+- name: api
+  type: tcp
+  port: 6443
+  backends:
+  - {address: 10.89.0.11, port: 6444}
+  - {address: 10.89.0.12, port: 6444}
+  - {address: 10.89.0.13, port: 6444}
+  healthCheck: {type: https, path: /readyz}
+EOF
+# kubeadm's HA guide (docs/ha-considerations.md), with /readyz as the issue asks.
+cat > "$WORK/haproxy.cfg" <<EOF
+global
+    maxconn 8000
+defaults
+    mode                    http
+    option                  dontlognull
+    option http-server-close
+    option                  redispatch
+    retries                 1
+    timeout http-request    10s
+    timeout queue           20s
+    timeout connect         5s
+    timeout client          35s
+    timeout server          35s
+    timeout http-keep-alive 10s
+    timeout check           10s
+    maxconn                 3000
+frontend apiserver
+    bind *:6443
+    mode tcp
+    default_backend apiserverbackend
+backend apiserverbackend
+    option httpchk GET /readyz
+    http-check expect status 200
+    mode tcp
+    balance roundrobin
+    server b1 10.89.0.11:6444 check check-ssl verify none
+    server b2 10.89.0.12:6444 check check-ssl verify none
+    server b3 10.89.0.13:6444 check check-ssl verify none
+EOF
+
+start_backends() {
+  local i
+  for i in 1 2 3; do
+    echo ready > "$WORK/state$i"
+    ip netns exec "$B" python3 "$ROOT/tests/support/readyz_backend.py" "b$i" "10.89.0.1$i" 6444 \
+      "$WORK/server.crt" "$WORK/server.key" "$WORK/state$i" &
+    eval "BACKEND_$i=$!"
+  done
+  for i in 1 2 3; do wait_until 10 nsx "$B" curl -sfk "https://10.89.0.1$i:6444/readyz"; done
+}
+stop_backends() {
+  local i p
+  for i in 1 2 3; do p="BACKEND_$i"; kill -9 "${!p}" 2>/dev/null || true; wait "${!p}" 2>/dev/null || true; done
+  nsx "$B" iptables -F INPUT 2>/dev/null || true
+}
+start_target() {
+  case $1 in
+    ours) ip netns exec "$L" "$KUBE_VIP" start -c "$WORK/ours.yaml" --disableVIP >>"$WORK/ours.log" 2>&1 & ;;
+    haproxy) ip netns exec "$L" haproxy -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 & ;;
+  esac
+  TARGET=$!
+  wait_until 10 bash -c "[ -n \"\$(ip netns exec $L ss -Htln 'sport = :6443')\" ]" ||
+    { echo "$1 did not start listening:" >&2; tail -5 "$WORK/$1.log" >&2; exit 1; }
+  sleep 3 # every backend checked up
+}
+stop_target() { kill "$TARGET" 2>/dev/null || true; wait "$TARGET" 2>/dev/null || true; }
+fault() {
+  case $1 in
+    unready) echo unready > "$WORK/state1" ;;
+    killed) kill -9 "$BACKEND_1" ;;
+    blackholed) nsx "$B" iptables -I INPUT -d 10.89.0.11 -j DROP ;;
+  esac
+}
+
+declare -A RES
+for f in "${FAULTS[@]}"; do
+  for t in "${TARGETS[@]}"; do
+    start_backends
+    start_target "$t"
+    nsx "$L" python3 "$ROOT/tests/support/tls_client.py" rate 10.89.0.1 6443 10 8 > "$WORK/$t.$f.out" 2>/dev/null &
+    client=$!
+    sleep 2
+    t0=$(now_ms)
+    fault "$f"
+    wait "$client"
+    RES[$t.$f]=$(awk -v f="$t0" '$2=="fail"{n++; if ($1-f>last) last=$1-f} END{printf "%d %d %d\n", n, (last>0?last:0), NR}' "$WORK/$t.$f.out")
+    echo "[$(date +%T)] $f $t: failed, ms to last failure, requests: ${RES[$t.$f]}" >&2
+    stop_target
+    stop_backends
+  done
+done
+
+section() {
+  echo "## Health checks: failed requests per backend fault (scripts/bench health)"
+  echo
+  echo "- Date: $(date -u +%F), machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
+  echo "- Other engineers' builds and tests were loading the machine at the same time; one run per row."
+  echo "- Three TLS backends answering /readyz (Python, tests/support/readyz_backend.py); a client"
+  echo "  starting a new TLS connection with one GET every 10 ms for 8 s; the fault hits backend 1"
+  echo "  2 s in. unready: /readyz 500 and requests 503; killed: kill -9 (connects refused);"
+  echo "  blackholed: iptables DROP of everything to it."
+  echo "- ours: tcp load balancer, \`healthCheck: {type: https, path: /readyz}\` at its defaults"
+  echo "  (200 ms interval and timeout, fall 2, rise 3), leastconn. HAProxy $(haproxy -v | head -1 | cut -d' ' -f3):"
+  echo "  kubeadm's HA guide, \`option httpchk GET /readyz\`, \`http-check expect status 200\`,"
+  echo "  \`check check-ssl verify none\`, default inter 2 s, fall 3, rise 2, roundrobin."
+  echo
+  echo "| fault | ours: failed | ours: last failure after fault | HAProxy: failed | HAProxy: last failure after fault |"
+  echo "| --- | --- | --- | --- | --- |"
+  for f in "${FAULTS[@]}"; do
+    read -r on ol _ <<< "${RES[ours.$f]:-- - -}"
+    read -r hn hl _ <<< "${RES[haproxy.$f]:-- - -}"
+    echo "| $f | $on | $ol ms | $hn | $hl ms |"
+  done
+}
+section > "$WORK/section.md"
+cat "$WORK/section.md"
+marker='## Health checks: failed requests per backend fault'
+if [ -f "$OUT" ] && grep -q "^$marker" "$OUT"; then
+  # Replace our section (up to the next "## " heading) and keep the rest.
+  awk -v m="$marker" -v f="$WORK/section.md" '
+    index($0, m) == 1 {while ((getline l < f) > 0) print l; skip=1; next}
+    skip && /^## / {skip=0}
+    !skip {print}' "$OUT" > "$WORK/out.md"
+  cp "$WORK/out.md" "$OUT"
+else
+  { echo; cat "$WORK/section.md"; } >> "$OUT"
+fi
