@@ -530,6 +530,7 @@ async fn peer_task(
                         log::info!("connected to peer {}", PeerName(&peer));
                     }
                     reachable = Some(true);
+                    crate::metrics::get().peer_reachable(&peer.id, true);
                     conn.insert(c)
                 }
                 Err(e) => {
@@ -537,6 +538,7 @@ async fn peer_task(
                         log::warn!("peer {} unreachable: {e}", PeerName(&peer));
                     }
                     reachable = Some(false);
+                    crate::metrics::get().peer_reachable(&peer.id, false);
                     let _ = call.reply.send(Err(CallError::Unreachable(e)));
                     continue;
                 }
