@@ -452,6 +452,21 @@ mod tests {
             .await
             .ok();
         assert!(line.is_empty() || line.contains("error"), "{line}");
+        // An endless line is cut off at MAX_LINE: the connection ends, the agent goes on.
+        let mut raw = UnixStream::connect(socket_path(&dir))
+            .await
+            .expect("connect");
+        let big = vec![b'x'; MAX_LINE + 10];
+        let _ = raw.write_all(&big).await;
+        let mut rest = Vec::new();
+        use tokio::io::AsyncReadExt;
+        let n = tokio::time::timeout(EXCHANGE_TIMEOUT * 2, raw.read_to_end(&mut rest)).await;
+        assert!(n.is_ok(), "the agent must close an oversized request");
+        let d = dir.clone();
+        let again = tokio::task::spawn_blocking(move || ask(&d, &Request::Status))
+            .await
+            .expect("join");
+        assert!(again.is_ok(), "still answering after garbage: {again:?}");
         trigger.fire();
         server.await.expect("server");
         assert!(!socket_path(&dir).exists(), "socket removed on shutdown");

@@ -88,6 +88,8 @@ check "Prometheus: all three agree on the leader" \
 check "Prometheus: kube_vip_build_info carries the version" \
   wait_until 5 prom_is "count(kube_vip_build_info{version=\"$("$KUBE_VIP" version | cut -d' ' -f2)\"})" 3
 
+for i in 1 2 3; do echo "#   node $i RSS: $(awk '/VmRSS/ {print $2, $3}' "/proc/${NODE_PID[$i]}/status")"; done
+
 # ---------- kube-vip status ----------
 for i in 1 2 3; do
   rc=0
