@@ -58,7 +58,7 @@ pub struct Status {
     pub version: String,
     /// `clustered` or `single node`.
     pub mode: String,
-    /// This node's peer id (`-` in single-node mode).
+    /// This node's peer id (`this node` in single-node mode).
     pub node: String,
     /// `leader` (holds or may hold the VIP), `lapsed` (Raft leader without a lease),
     /// `follower`, or `starting`.
@@ -117,12 +117,15 @@ impl Metrics {
         let s = self.state();
         let name = |a: &SocketAddr| s.peers.get(a).cloned().unwrap_or_else(|| a.to_string());
         let leader = s.leader.map(|a| format!("{} ({a})", name(&a)));
-        let me = s.local.clone().unwrap_or_else(|| "-".into());
+        let me = s.local.clone().unwrap_or_else(|| "this node".into());
         let leader_is_me = s
             .leader
             .is_some_and(|a| s.local.as_ref() == Some(&name(&a)));
         let vip_holder = if bound {
-            format!("this node ({me})")
+            match &s.local {
+                Some(id) => format!("this node ({id})"),
+                None => "this node".into(),
+            }
         } else if s.single_node {
             "nobody (this node should; see its log)".into()
         } else {
