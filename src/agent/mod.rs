@@ -186,6 +186,8 @@ pub async fn run(
     };
     let mut result = Ok(());
     let mut tick = tokio::time::interval(metrics::AGENT_TICK);
+    // After a long step, one tick, not a burst of catch-up rounds.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let want = *role.borrow_and_update();
         metrics::get().agent_role(want.role);
