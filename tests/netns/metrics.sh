@@ -54,15 +54,26 @@ print(" ".join(sorted(out)))'
 }
 prom_is() { [ "$(promq "$1")" = "$2" ]; } # prom_is EXPR WANT
 
-# ---------- the cluster ----------
-for i in 1 2 3; do start_node "$i"; done
-check "a leader takes the VIP" wait_until 5 one_holder
-h=$(holders)
 node_url() { echo "http://${NODE_IP[$1]}:$PORT$2"; }
 get() { nsx "$PROM" curl -s --max-time 2 -o /dev/null -w '%{http_code}' "$(node_url "$1" "$2")"; } # get I PATH: status code
+body_is() { [ "$(nsx "$PROM" curl -s --max-time 2 "$(node_url "$1" "$2")")" = "$3" ]; } # body_is I PATH TEXT
+code_is() { [ "$(get "$1" "$2")" = "$3" ]; } # code_is I PATH CODE
+
+# ---------- one node alone: alive, not ready ----------
+start_node 2
+check "node 2 alone (no quorum, no leader): /healthz answers 200 all the same" wait_until 5 code_is 2 /healthz 200
+check "node 2 alone: /readyz says 'no Raft leader known'" wait_until 5 body_is 2 /readyz 'no Raft leader known'
+check "node 2 alone: /readyz is 503" code_is 2 /readyz 503
+sleep 3
+check "node 2 alone: /healthz still 200 after 3 more s without a leader" code_is 2 /healthz 200
+
+# ---------- the cluster ----------
+start_node 1; start_node 3
+check "a leader takes the VIP" wait_until 5 one_holder
+h=$(holders)
 for i in 1 2 3; do
-  check "node $i: /healthz answers 200" wait_until 5 test "$(get "$i" /healthz)" = 200
-  check "node $i: /readyz answers 200 (a leader is known)" wait_until 5 bash -c "[ \"\$(ip netns exec $PROM curl -s --max-time 2 -o /dev/null -w '%{http_code}' $(node_url "$i" /readyz))\" = 200 ]"
+  check "node $i: /healthz answers 200" wait_until 5 code_is "$i" /healthz 200
+  check "node $i: /readyz answers 200 (a leader is known)" wait_until 5 code_is "$i" /readyz 200
   nsx "$PROM" curl -s --max-time 2 "$(node_url "$i" /metrics)" >"$WORK/metrics$i.txt"
   check "node $i: promtool check metrics finds no problem in /metrics" \
     bash -c "promtool check metrics <'$WORK/metrics$i.txt' 2>&1 | tee '$WORK/lint$i.txt' >&2; [ \${PIPESTATUS[0]} -eq 0 ] && [ ! -s '$WORK/lint$i.txt' ]"
@@ -74,9 +85,9 @@ check "the holder counts its announcements (kube_vip_announce_frames_sent_total{
   grep -q '^kube_vip_announce_frames_sent_total{kind="arp_request"} [1-9]' "$WORK/metrics$h.txt"
 check "the holder observed its election-to-VIP-bound time once" \
   grep -qx 'kube_vip_election_to_vip_bound_seconds_count 1' "$WORK/metrics$h.txt"
-check "a 404 for an unknown path, 405 for POST" bash -c \
-  "[ \"\$(ip netns exec $PROM curl -s -o /dev/null -w '%{http_code}' $(node_url 1 /x))\" = 404 ] &&
-   [ \"\$(ip netns exec $PROM curl -s -o /dev/null -w '%{http_code}' -X POST $(node_url 1 /metrics))\" = 405 ]"
+check "a 404 for an unknown path" code_is 1 /x 404
+check "a 405 for POST /metrics" \
+  test "$(nsx "$PROM" curl -s -o /dev/null -w '%{http_code}' -X POST "$(node_url 1 /metrics)")" = 405
 
 check "Prometheus scrapes all three agents (up == 1)" wait_until 20 prom_is 'count(up{job="kube-vip"} == 1)' 3
 check "Prometheus: sum(kube_vip_is_leader) == 1" wait_until 5 prom_is 'sum(kube_vip_is_leader)' 1
