@@ -10,6 +10,8 @@ use crate::config::{Backend, Config, LbType, LoadBalancer, Peer, Port};
 /// Image the sample manifest runs: the container `scripts/container` builds, tagged with this
 /// crate's version so a manifest and a binary of the same release always match.
 pub const DEFAULT_IMAGE: &str = concat!("kube-vip/kube-vip:", env!("CARGO_PKG_VERSION"));
+/// Port of the liveness probe in the sample manifest: the port of the default `metricsAddress`.
+pub const DEFAULT_METRICS_PORT: u16 = 2112;
 /// Where the config file lives on a node and inside the container.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kube-vip/config.yaml";
 
@@ -48,8 +50,27 @@ pub enum Command {
         #[arg(short = 'c', long = "config", value_name = "FILE")]
         config: PathBuf,
     },
+    /// Ask the agent running with this config how it stands: role, term, leader, who holds the
+    /// VIP, peers, backends. Exit 1 with a clear message when no agent answers.
+    Status {
+        /// Config file of the running agent (its stateDir holds the agent's socket).
+        #[arg(short = 'c', long = "config", value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Output: a table for people, or json for scripts.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Print the version.
     Version,
+}
+
+/// Output format of `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// A short table.
+    Table,
+    /// One JSON object.
+    Json,
 }
 
 /// `kube-vip sample ...`
@@ -220,6 +241,7 @@ pub fn sample_config(a: &SampleConfigArgs) -> Config {
         election_timeout_min_ms: None,
         election_timeout_max_ms: None,
         peer_key_file: None,
+        metrics_address: None,
     }
 }
 
@@ -267,6 +289,18 @@ spec:
     - start
     - -c
     - {DEFAULT_CONFIG_PATH}{single_node}
+    # kubeadm's numbers for its own static pods. /healthz says the agent's loop runs; it never
+    # depends on leadership, so a healthy follower is never restarted. Port: metricsAddress.
+    livenessProbe:
+      httpGet:
+        host: 127.0.0.1
+        path: /healthz
+        port: {metrics_port}
+        scheme: HTTP
+      initialDelaySeconds: 10
+      periodSeconds: 10
+      timeoutSeconds: 15
+      failureThreshold: 8
     securityContext:
       capabilities:
         drop:
@@ -292,6 +326,7 @@ spec:
       type: DirectoryOrCreate{key_volume}
 "#,
         version = env!("CARGO_PKG_VERSION"),
+        metrics_port = DEFAULT_METRICS_PORT,
     )
 }
 
@@ -317,6 +352,14 @@ mod tests {
         assert!(
             m.contains("path: /etc/kube-vip/peer.key\n      type: File"),
             "{m}"
+        );
+    }
+
+    #[test]
+    fn manifest_probe_port_is_the_default_metrics_port() {
+        assert_eq!(
+            crate::config::DEFAULT_METRICS_ADDRESS,
+            format!(":{DEFAULT_METRICS_PORT}")
         );
     }
 

@@ -65,6 +65,9 @@ pub const DEFAULT_HEALTH_PATH: &str = "/readyz";
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 /// Longest accepted health check interval or timeout, ms.
 const MAX_HEALTH_MS: u64 = 60_000;
+/// Where `/metrics`, `/healthz` and `/readyz` are served: every address, port 2112, the port
+/// kube-vip (Go) uses, so existing scrape configs keep working. `""` turns the endpoint off.
+pub const DEFAULT_METRICS_ADDRESS: &str = ":2112";
 /// Linux interface names are at most 15 bytes (IFNAMSIZ less the NUL).
 const MAX_INTERFACE_NAME: usize = 15;
 
@@ -386,6 +389,10 @@ pub struct Config {
     /// is unauthenticated and peers are identified by address only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_key_file: Option<PathBuf>,
+    /// `[address]:port` of the metrics and health endpoint; `""` = off (default
+    /// [`DEFAULT_METRICS_ADDRESS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_address: Option<String>,
 }
 
 /// A configuration that could not be loaded; the message names the file, field and line.
@@ -478,6 +485,19 @@ impl Config {
             .unwrap_or(DEFAULT_ELECTION_TIMEOUT_MAX_MS)
     }
 
+    /// Metrics address with its default applied; `""` means off.
+    pub fn metrics_address(&self) -> &str {
+        self.metrics_address
+            .as_deref()
+            .unwrap_or(DEFAULT_METRICS_ADDRESS)
+    }
+
+    /// Where to serve metrics: `None` when turned off. Validated at load, so an error here
+    /// cannot happen for a loaded config.
+    pub fn metrics_listen(&self) -> Result<Option<MetricsListen>, String> {
+        MetricsListen::parse(self.metrics_address())
+    }
+
     /// The same configuration with every optional key written out at its effective value,
     /// for `kube-vip check`.
     pub fn effective(&self) -> Config {
@@ -489,6 +509,7 @@ impl Config {
         c.heartbeat_ms = Some(self.heartbeat_ms());
         c.election_timeout_min_ms = Some(self.election_timeout_min_ms());
         c.election_timeout_max_ms = Some(self.election_timeout_max_ms());
+        c.metrics_address = Some(self.metrics_address().to_string());
         for lb in &mut c.load_balancers {
             lb.connect_timeout_ms = Some(lb.connect_timeout_ms());
             lb.backend_cooldown_ms = Some(lb.backend_cooldown_ms());
@@ -664,6 +685,29 @@ impl Config {
             }
         }
 
+        if let Err(e) = self.metrics_listen() {
+            p.push(format!(
+                "metricsAddress: {e}{}",
+                at("metricsAddress", self.metrics_address(), 0)
+            ));
+        }
+        if let (Ok(Some(m)), Some(local)) = (self.metrics_listen(), &self.local_peer) {
+            if m.port() == local.port.0 {
+                p.push(format!(
+                    "metricsAddress: port {} is the Raft port of localPeer",
+                    m.port()
+                ));
+            }
+        }
+        if let Ok(Some(m)) = self.metrics_listen() {
+            if self.load_balancers.iter().any(|lb| lb.port.0 == m.port()) {
+                p.push(format!(
+                    "metricsAddress: port {} is used by a load balancer",
+                    m.port()
+                ));
+            }
+        }
+
         if self.vip_probe_ms() > MAX_VIP_PROBE_MS {
             p.push(format!(
                 "vipProbeMs ({}) must be at most {MAX_VIP_PROBE_MS}: every take-over of the VIP waits this long{}",
@@ -753,6 +797,48 @@ fn health_check_problems(p: &mut Vec<String>, field: &str, hc: &HealthCheck) {
             ));
         } else if !ca.is_absolute() && ca.as_os_str().is_empty() {
             p.push(format!("{field}.healthCheck.caFile: must not be empty"));
+        }
+    }
+}
+
+/// Where the metrics endpoint listens, from `metricsAddress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsListen {
+    /// `:port`: every address, IPv6 and IPv4 (IPv4 alone if the host has no IPv6).
+    Any(u16),
+    /// `address:port` (IPv6 as `[address]:port`).
+    At(SocketAddr),
+}
+
+impl MetricsListen {
+    /// Parses `metricsAddress`; `Ok(None)` for `""` (off).
+    pub fn parse(s: &str) -> Result<Option<MetricsListen>, String> {
+        if s.is_empty() {
+            return Ok(None);
+        }
+        let bad_port = |p: &str| format!("{p:?} is not a port (1-65535) in {s:?}");
+        if let Some(port) = s.strip_prefix(':') {
+            return match port.parse::<u16>() {
+                Ok(p) if p != 0 => Ok(Some(MetricsListen::Any(p))),
+                _ => Err(bad_port(port)),
+            };
+        }
+        let addr: SocketAddr = s.parse().map_err(|_| {
+            format!(
+                "{s:?} is not :port, address:port or [IPv6 address]:port (\"\" turns metrics off)"
+            )
+        })?;
+        if addr.port() == 0 {
+            return Err(bad_port("0"));
+        }
+        Ok(Some(MetricsListen::At(addr)))
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        match self {
+            MetricsListen::Any(p) => *p,
+            MetricsListen::At(a) => a.port(),
         }
     }
 }
@@ -882,6 +968,27 @@ mod tests {
             find_line_in(SEED, "loadBalancers", "address", "192.168.0.70", 0),
             Some(24)
         );
+    }
+
+    #[test]
+    fn metrics_address_forms() {
+        let l = |s: &str| MetricsListen::parse(s);
+        assert_eq!(l(""), Ok(None));
+        assert_eq!(l(":2112"), Ok(Some(MetricsListen::Any(2112))));
+        assert_eq!(
+            l("127.0.0.1:9100").map(|m| m.map(|m| m.port())),
+            Ok(Some(9100))
+        );
+        assert!(matches!(l("[::1]:2112"), Ok(Some(MetricsListen::At(_)))));
+        for bad in [":0", ":70000", "2112", "localhost:2112", "1.2.3.4:0", ":"] {
+            assert!(l(bad).is_err(), "{bad} must be refused");
+        }
+        let c = parse(SEED).expect("seed");
+        assert_eq!(c.metrics_address(), DEFAULT_METRICS_ADDRESS);
+        let c = parse(&format!("{SEED}metricsAddress: \"\"\n")).expect("off");
+        assert_eq!(c.metrics_listen(), Ok(None));
+        let e = parse(&format!("{SEED}metricsAddress: \":6443\"\n")).expect_err("lb port");
+        assert!(e.contains("used by a load balancer"), "{e}");
     }
 
     #[test]

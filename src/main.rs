@@ -5,6 +5,7 @@ mod cli;
 mod cluster;
 mod config;
 mod lb;
+mod metrics;
 mod shutdown;
 mod vip;
 
@@ -67,6 +68,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Start(args) => start(args),
+        Command::Status { config, output } => status(&config, output),
     }
 }
 
@@ -82,6 +84,42 @@ fn print_yaml(c: &Config) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `kube-vip status`: one request to the local agent's socket.
+fn status(path: &std::path::Path, output: cli::Output) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let reply = metrics::status::ask(&config.state_dir(), &metrics::status::Request::Status);
+    let s = match reply {
+        Ok(metrics::status::Reply::Status(s)) => s,
+        Ok(other) => {
+            eprintln!("unexpected answer from the agent: {other:?}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let text = match output {
+        cli::Output::Table => metrics::status::table(&s),
+        cli::Output::Json => match serde_json::to_string_pretty(&s) {
+            Ok(j) => j + "\n",
+            Err(e) => {
+                eprintln!("cannot print status: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    // A closed stdout (`| head`) is not worth a panic.
+    let _ = std::io::stdout().write_all(text.as_bytes());
+    ExitCode::SUCCESS
 }
 
 fn start(args: StartArgs) -> ExitCode {
@@ -170,6 +208,7 @@ async fn run(config: Config, disable_vip: bool) -> Result<(), Box<dyn std::error
         info!("shutting down");
         trigger.fire();
     });
+    metrics::start(&config, shutdown.clone()).await?;
     if config.single_node {
         // Alone, this node is always entitled to the VIP; the sender lives as long as the agent.
         let (_role_tx, role_rx) = watch::channel(Leadership::now(Role::Leader));

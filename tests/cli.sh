@@ -42,6 +42,8 @@ bad "heartbeat not below the election timeout" 's/^vip: .*/&\nheartbeatMs: 50/' 
 bad "election timeouts the wrong way round" 's/^vip: .*/&\nelectionTimeoutMinMs: 200/' \
   'electionTimeoutMinMs (200) must be less than electionTimeoutMaxMs (120)'
 bad "probe window too long" 's/^vip: .*/&\nvipProbeMs: 5000/' 'vipProbeMs (5000) must be at most 1000' '(line 13)'
+bad "metricsAddress without a port" 's/^vip: .*/&\nmetricsAddress: "2112"/' 'metricsAddress: "2112" is not :port' '(line 13)'
+bad "metricsAddress on the load balancer's port" 's/^vip: .*/&\nmetricsAddress: ":6443"/' 'metricsAddress: port 6443 is used by a load balancer'
 bad "not YAML at all" '1i }{' 'invalid config'
 
 # `start` with a bad config: a clear error and exit 1 at once, not a running agent.
@@ -72,6 +74,7 @@ check "sample config with a bad flag value fails, naming the flag" \
 
 # check prints the effective config: every optional key at its value, and it passes check.
 "$KUBE_VIP" check -c "$SEED" >"$WORK/effective.yaml" 2>/dev/null
+check "check prints metricsAddress with its default (:2112)" grep -qxE "metricsAddress: '?:2112'?" "$WORK/effective.yaml"
 check "check prints the defaults it applied" \
   bash -c "grep -q '^vipProbeMs: 10' '$WORK/effective.yaml' && grep -q '^heartbeatMs: 20' '$WORK/effective.yaml'"
 

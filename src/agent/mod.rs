@@ -29,6 +29,7 @@ pub use crate::cluster::{Leadership, Role};
 use crate::cluster::{StaleLeadership, VoteGate};
 use crate::config::Config;
 use crate::lb::{self, ListenError, RunningLb};
+use crate::metrics;
 use crate::shutdown::Shutdown;
 use crate::vip::{self, VipHolder, VipSettings};
 use claim::Claim;
@@ -148,8 +149,12 @@ pub async fn run(
         pools,
     };
     let mut result = Ok(());
+    let mut tick = tokio::time::interval(metrics::AGENT_TICK);
+    // After a long step, one tick, not a burst of catch-up rounds.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let want = *role.borrow_and_update();
+        metrics::get().agent_role(want.role);
         let next = agent.converge(want.role, want.as_of, &role).await;
         let retry = match next {
             Next::Settled => None,
@@ -164,6 +169,8 @@ pub async fn run(
                 break;
             },
             _ = tokio::time::sleep(retry.unwrap_or(RETRY_INTERVAL)), if retry.is_some() => {}
+            // Proof of life for /healthz; converging again when settled changes nothing.
+            _ = tick.tick() => {}
             _ = vip_lost(&mut agent.holder) => {
                 // Release what is left of it (and open the vote gate); the next round takes it
                 // again if the lease still allows, after a probe.
@@ -216,6 +223,9 @@ impl Agent {
             "probed the link for VIP {vip} in {} ms: {claim:?}",
             started.elapsed().as_millis()
         );
+        if matches!(claim, Ok(Claim::Held { .. } | Claim::Abandoned { .. })) {
+            metrics::get().probe_conflicts.inc();
+        }
         match claim {
             Ok(Claim::Free) => {
                 if let Some((since, _)) = self.held.take() {
@@ -282,6 +292,7 @@ impl Agent {
                 self.leftover = true;
                 return false;
             }
+            metrics::get().vip_released();
         }
         if self.leftover {
             let s = self.vip.as_ref().map(|s| (s.interface.clone(), s.address));
@@ -337,6 +348,7 @@ impl Agent {
                         take_started.elapsed().as_millis()
                     );
                     self.holder = Some(h);
+                    metrics::get().vip_taken();
                     self.leftover = false;
                     changed = true;
                 }

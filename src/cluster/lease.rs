@@ -153,6 +153,7 @@ pub async fn follow(
         }
         first = false;
         let (now_role, until) = evaluate(&snapshot, received, Instant::now(), lease);
+        crate::metrics::get().raft(snapshot.current_term, leader.and_then(&addr_of), now_role);
         let before = role.borrow().role;
         // The lease's end is updated with every snapshot, but only a change of role wakes the
         // agent.

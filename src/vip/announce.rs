@@ -39,6 +39,15 @@ pub enum Announcement {
 }
 
 impl Announcement {
+    /// The `kind` label of the frames-sent metric.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            Announcement::GratuitousRequest => "arp_request",
+            Announcement::GratuitousReply => "arp_reply",
+            Announcement::UnsolicitedAdvert => "unsolicited_na",
+        }
+    }
+
     /// The frames that announce an address of this family, in sending order.
     pub fn for_address(ip: IpAddr) -> &'static [Announcement] {
         match ip {

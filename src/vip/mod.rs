@@ -448,7 +448,10 @@ fn announce(sock: &PacketSocket, s: &VipSettings, l: &Link) {
             continue;
         };
         match sock.send(&frame) {
-            Ok(()) => debug!("sent {kind:?} for {} on {}", s.address, s.interface),
+            Ok(()) => {
+                debug!("sent {kind:?} for {} on {}", s.address, s.interface);
+                crate::metrics::get().frame_sent(kind.metric_label());
+            }
             Err(e) => warn!(
                 "cannot send {kind:?} for {} on {}: {e}",
                 s.address, s.interface

@@ -64,6 +64,14 @@ check "config: hostPath $CONF (type File) mounted read-only at $CONF" \
 check "state: hostPath /var/lib/kube-vip (DirectoryOrCreate) mounted writable at /var/lib/kube-vip" \
   test "$(mount_of "$M" /var/lib/kube-vip)" = '[["/var/lib/kube-vip","DirectoryOrCreate",false]]'
 check "exactly those two mounts" is 2 "$M" "len(${C}['volumeMounts'])"
+check "livenessProbe: GET http://127.0.0.1:2112/healthz (the default metricsAddress)" \
+  is '["HTTP","127.0.0.1","/healthz",2112]' "$M" \
+  "[${C}['livenessProbe']['httpGet'][k] for k in ('scheme','host','path','port')]"
+check "livenessProbe numbers are kubeadm's (10 s delay and period, 15 s timeout, 8 failures)" \
+  is '[10,10,15,8]' "$M" \
+  "[${C}['livenessProbe'][k] for k in ('initialDelaySeconds','periodSeconds','timeoutSeconds','failureThreshold')]"
+check "no readinessProbe (a follower is not ready to serve the VIP, and must not be restarted for it)" \
+  is null "$M" "${C}.get('readinessProbe')"
 check "priorityClassName system-node-critical (not evicted under node pressure)" \
   is '"system-node-critical"' "$M" 'd["spec"]["priorityClassName"]'
 pull_policy=$(q "$M" "${C}.get('imagePullPolicy')")

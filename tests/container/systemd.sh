@@ -95,6 +95,17 @@ check "sandbox in force: no_new_privs, seccomp filter, / mounted read-only" \
   test "$(status NoNewPrivs) $(status Seccomp) $(root_mode)" = "1 2 ro"
 check "VIP:6443 answers from the host" wait_until 5 get "$VIP:6443"
 check "round-robin through the VIP from the host" rr_ok "$VIP:6443"
+# The metrics endpoint (default :2112) and the status socket work inside the unit's sandbox.
+healthz() { [ "$(curl -s --max-time 1 "http://$NET.11:2112/healthz")" = ok ]; }
+check "/healthz on :2112 answers ok from the host" wait_until 5 healthz
+bound_metric() { curl -s --max-time 1 "http://$NET.11:2112/metrics" | has -x 'kube_vip_vip_bound 1'; }
+check "/metrics from the host: kube_vip_vip_bound 1" bound_metric
+status_bound() {
+  x /usr/local/bin/kube-vip status -c /etc/kube-vip/config.yaml >"$WORK/status.txt" 2>&1
+  indent <"$WORK/status.txt"
+  grep -q '^vip .*(bound here)' "$WORK/status.txt"
+}
+check "kube-vip status on the node (socket in StateDirectory): VIP bound here" status_bound
 check "StateDirectory made /var/lib/kube-vip, mode 0700" \
   test "$(x stat -c '%a %U' /var/lib/kube-vip)" = "700 root"
 

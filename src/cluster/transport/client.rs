@@ -295,6 +295,7 @@ async fn peer_task(d: Dialer, mut rx: mpsc::UnboundedReceiver<Call>, last_answer
                         log::info!("connected to peer {}", PeerName(peer));
                     }
                     reachable = Some(true);
+                    crate::metrics::get().peer_reachable(&peer.id, true);
                     conn.insert(c)
                 }
                 Err(e) => {
@@ -304,6 +305,7 @@ async fn peer_task(d: Dialer, mut rx: mpsc::UnboundedReceiver<Call>, last_answer
                         log::warn!("peer {} unreachable: {e}", PeerName(peer));
                     }
                     reachable = Some(false);
+                    crate::metrics::get().peer_reachable(&peer.id, false);
                     auth_failed = auth;
                     let _ = call.reply.send(Err(CallError::Unreachable(e.to_string())));
                     continue;

@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Observability of a three-node cluster in namespaces (tests/cluster-lib.sh), seen by a real
+# Prometheus server (Debian's) that scrapes all three agents every second from its own
+# namespace: sum(kube_vip_is_leader) is 1 and names the VIP holder; after a kill -9 of the
+# holder it moves to the new one. Also: each node's /metrics passes `promtool check metrics`,
+# /healthz and /readyz answer, and `kube-vip status` tells role, leader and VIP holder, refuses
+# non-root users and says clearly when no agent runs.
+source "$(dirname "$0")/../lib.sh"
+source "$ROOT/tests/cluster-lib.sh"
+for c in prometheus promtool curl setpriv; do
+  command -v "$c" >/dev/null || { echo "$c missing (scripts/deps test)"; exit 1; }
+done
+
+PORT=2112
+make_cluster_net
+for i in 1 2 3; do node_config "$i"; done
+mkns PROM prom
+plug "$PROM" 10.88.0.3
+
+# ---------- before any agent runs ----------
+rc=0
+"$KUBE_VIP" status -c "$WORK/node1.yaml" >"$WORK/noagent.out" 2>"$WORK/noagent.err" || rc=$?
+check "status without an agent: exit 1 and says no agent runs ($(head -c 120 "$WORK/noagent.err"))" \
+  bash -c "[ $rc -eq 1 ] && grep -q 'no kube-vip agent is running' '$WORK/noagent.err'"
+
+# ---------- Prometheus ----------
+cat >"$WORK/prometheus.yml" <<YML
+global:
+  scrape_interval: 1s
+  scrape_timeout: 900ms
+  evaluation_interval: 1s
+scrape_configs:
+- job_name: kube-vip
+  static_configs:
+  - targets: ['${NODE_IP[1]}:$PORT', '${NODE_IP[2]}:$PORT', '${NODE_IP[3]}:$PORT']
+YML
+check "promtool accepts the scrape config" quiet promtool check config "$WORK/prometheus.yml"
+ip netns exec "$PROM" prometheus --config.file="$WORK/prometheus.yml" \
+  --storage.tsdb.path="$WORK/prom-data" --web.listen-address=127.0.0.1:9090 \
+  --log.level=warn >"$WORK/prometheus.log" 2>&1 &
+PROM_PID=$!
+
+# promq EXPR: the instant vector, one "instance=value" (or "value") per series, sorted.
+promq() {
+  nsx "$PROM" curl -sf --max-time 2 --get --data-urlencode "query=$1" http://127.0.0.1:9090/api/v1/query |
+    python3 -c '
+import json, sys
+r = json.load(sys.stdin)["data"]["result"]
+out = []
+for m in r:
+    inst = m["metric"].get("instance", "")
+    out.append((inst + "=" if inst else "") + m["value"][1])
+print(" ".join(sorted(out)))'
+}
+prom_is() { [ "$(promq "$1")" = "$2" ]; } # prom_is EXPR WANT
+
+node_url() { echo "http://${NODE_IP[$1]}:$PORT$2"; }
+get() { nsx "$PROM" curl -s --max-time 2 -o /dev/null -w '%{http_code}' "$(node_url "$1" "$2")"; } # get I PATH: status code
+body_is() { [ "$(nsx "$PROM" curl -s --max-time 2 "$(node_url "$1" "$2")")" = "$3" ]; } # body_is I PATH TEXT
+code_is() { [ "$(get "$1" "$2")" = "$3" ]; } # code_is I PATH CODE
+
+# ---------- one node alone: alive, not ready ----------
+start_node 2
+check "node 2 alone (no quorum, no leader): /healthz answers 200 all the same" wait_until 5 code_is 2 /healthz 200
+check "node 2 alone: /readyz says 'no Raft leader known'" wait_until 5 body_is 2 /readyz 'no Raft leader known'
+check "node 2 alone: /readyz is 503" code_is 2 /readyz 503
+sleep 3
+check "node 2 alone: /healthz still 200 after 3 more s without a leader" code_is 2 /healthz 200
+
+# ---------- the cluster ----------
+start_node 1; start_node 3
+check "a leader takes the VIP" wait_until 5 one_holder
+h=$(holders)
+for i in 1 2 3; do
+  check "node $i: /healthz answers 200" wait_until 5 code_is "$i" /healthz 200
+  check "node $i: /readyz answers 200 (a leader is known)" wait_until 5 code_is "$i" /readyz 200
+  nsx "$PROM" curl -s --max-time 2 "$(node_url "$i" /metrics)" >"$WORK/metrics$i.txt"
+  check "node $i: promtool check metrics finds no problem in /metrics" \
+    bash -c "promtool check metrics <'$WORK/metrics$i.txt' 2>&1 | tee '$WORK/lint$i.txt' >&2; [ \${PIPESTATUS[0]} -eq 0 ] && [ ! -s '$WORK/lint$i.txt' ]"
+  want=0; [ "$i" = "$h" ] && want=1
+  check "node $i: kube_vip_is_leader $want and kube_vip_vip_bound $want" \
+    bash -c "grep -qx 'kube_vip_is_leader $want' '$WORK/metrics$i.txt' && grep -qx 'kube_vip_vip_bound $want' '$WORK/metrics$i.txt'"
+done
+check "the holder counts its announcements (kube_vip_announce_frames_sent_total{kind=\"arp_request\"} > 0)" \
+  grep -q '^kube_vip_announce_frames_sent_total{kind="arp_request"} [1-9]' "$WORK/metrics$h.txt"
+check "the holder observed its election-to-VIP-bound time once" \
+  grep -qx 'kube_vip_election_to_vip_bound_seconds_count 1' "$WORK/metrics$h.txt"
+check "a 404 for an unknown path" code_is 1 /x 404
+check "a 405 for POST /metrics" \
+  test "$(nsx "$PROM" curl -s -o /dev/null -w '%{http_code}' -X POST "$(node_url 1 /metrics)")" = 405
+
+check "Prometheus scrapes all three agents (up == 1)" wait_until 20 prom_is 'count(up{job="kube-vip"} == 1)' 3
+check "Prometheus: sum(kube_vip_is_leader) == 1" wait_until 5 prom_is 'sum(kube_vip_is_leader)' 1
+check "Prometheus: kube_vip_is_leader is 1 on the VIP holder (node $h)" \
+  wait_until 5 prom_is 'kube_vip_is_leader == 1' "${NODE_IP[$h]}:$PORT=1"
+check "Prometheus: every node reports the same Raft term" wait_until 5 prom_is 'count(count_values("term", kube_vip_raft_term))' 1
+check "Prometheus: all three agree on the leader" \
+  wait_until 5 prom_is "count(kube_vip_raft_leader{address=\"${NODE_IP[$h]}:10000\"})" 3
+check "Prometheus: kube_vip_build_info carries the version" \
+  wait_until 5 prom_is "count(kube_vip_build_info{version=\"$("$KUBE_VIP" version | cut -d' ' -f2)\"})" 3
+
+for i in 1 2 3; do echo "#   node $i RSS: $(awk '/VmRSS/ {print $2, $3}' "/proc/${NODE_PID[$i]}/status")"; done
+
+# ---------- kube-vip status ----------
+for i in 1 2 3; do
+  rc=0
+  ip netns exec "${NODE_NS[$i]}" "$KUBE_VIP" status -c "$WORK/node$i.yaml" >"$WORK/status$i.txt" 2>&1 || rc=$?
+  want=follower; [ "$i" = "$h" ] && want=leader
+  check "node $i: status says role $want, leader server$h" \
+    bash -c "[ $rc -eq 0 ] && grep -qE '^role +$want\$' '$WORK/status$i.txt' && grep -qE '^leader +server$h ' '$WORK/status$i.txt'"
+done
+sed 's/^/#   /' "$WORK/status$h.txt"
+check "status on the holder: VIP bound here" grep -q "^vip .*(bound here); held by this node (server$h)" "$WORK/status$h.txt"
+f=$(( h % 3 + 1 ))
+check "status on a follower: the leader holds the VIP" grep -q "held by server$h (the leader)" "$WORK/status$f.txt"
+check "status -o json parses and agrees" bash -c \
+  "'$KUBE_VIP' status -c '$WORK/node$h.yaml' -o json | python3 -c 'import json,sys; s=json.load(sys.stdin); sys.exit(not (s[\"role\"]==\"leader\" and s[\"vip_bound\"] and s[\"ready\"]==\"ok\"))'"
+# Let the user reach the socket (a hostPath stateDir is created 0755): then only the socket's
+# own mode (0600) and the agent's peer-credential check keep it out.
+chmod 711 "$WORK" "$WORK/state1"
+chmod 644 "$WORK/node1.yaml"
+rc=0
+setpriv --reuid=65534 --regid=65534 --clear-groups "$KUBE_VIP" status -c "$WORK/node1.yaml" >/dev/null 2>"$WORK/nobody.err" || rc=$?
+check "status as a non-root user is refused ($(head -c 100 "$WORK/nobody.err"))" \
+  bash -c "[ $rc -eq 1 ] && grep -q 'run kube-vip status as root' '$WORK/nobody.err'"
+check "the status socket is mode 0600" test "$(stat -c %a "$WORK/state1/kube-vip.sock")" = 600
+
+# ---------- kill -9 of the holder ----------
+old=$h
+stop_node "$old" KILL
+check "a new holder takes the VIP" wait_until 5 holder_is_not "$old"
+h=$(holders)
+echo "#   VIP moved from node $old to node $h"
+check "Prometheus: kube_vip_is_leader moves to the new holder (node $h)" \
+  wait_until 15 prom_is 'kube_vip_is_leader == 1' "${NODE_IP[$h]}:$PORT=1"
+check "Prometheus: sum(kube_vip_is_leader) == 1 after the failover" wait_until 5 prom_is 'sum(kube_vip_is_leader)' 1
+check "Prometheus: the killed node's target is down" wait_until 5 prom_is "up{instance=\"${NODE_IP[$old]}:$PORT\"}" "${NODE_IP[$old]}:$PORT=0"
+# Takes minus releases is what it holds now; a lease lapse on a busy host may add a pair.
+NEWI="instance=\"${NODE_IP[$h]}:$PORT\""
+check "Prometheus: the new holder's VIP takes minus releases is 1 (it holds it now)" \
+  wait_until 10 prom_is "kube_vip_vip_takes_total{$NEWI} - kube_vip_vip_releases_total{$NEWI}" "${NODE_IP[$h]}:$PORT=1"
+echo "#   new holder's takes: $(promq "kube_vip_vip_takes_total{$NEWI}")"
+check "Prometheus: the new holder's election-to-bound time is under 2 s" \
+  wait_until 5 prom_is "kube_vip_election_to_vip_bound_seconds_bucket{instance=\"${NODE_IP[$h]}:$PORT\",le=\"2.56\"}" "${NODE_IP[$h]}:$PORT=1"
+check "Prometheus: the survivors saw a leader change (raft_leader_changes_total >= 2)" \
+  wait_until 5 prom_is "count(kube_vip_raft_leader_changes_total >= 2)" 2
+survivor=$(( h % 3 + 1 )); [ "$survivor" = "$old" ] && survivor=$(( survivor % 3 + 1 ))
+nsx "$PROM" curl -s --max-time 2 "$(node_url "$survivor" /metrics)" >"$WORK/after.txt"
+check "a survivor counts connection errors to the dead peer" \
+  grep -q "^kube_vip_peer_connection_errors_total{peer=\"server$old\"} [1-9]" "$WORK/after.txt"
+
+# ---------- a stopped agent ----------
+stop_node "$survivor" TERM
+rc=0
+"$KUBE_VIP" status -c "$WORK/node$survivor.yaml" >/dev/null 2>"$WORK/gone.err" || rc=$?
+check "status after SIGTERM: exit 1, no agent (socket removed)" \
+  bash -c "[ $rc -eq 1 ] && grep -q 'no kube-vip agent is running' '$WORK/gone.err' && [ ! -e '$WORK/state$survivor/kube-vip.sock' ]"
+check "Prometheus itself logged no error" bash -c "! grep -q 'level=error' '$WORK/prometheus.log'"
+kill "$PROM_PID" 2>/dev/null || true
+wait "$PROM_PID" 2>/dev/null || true
+
+summary
