@@ -210,6 +210,8 @@ async fn run(config: Config, disable_vip: bool) -> Result<(), Box<dyn std::error
     });
     metrics::start(&config, shutdown.clone()).await?;
     if config.single_node {
+        // SIGHUP must not stop the agent (see reload_keys_on_hangup).
+        let _hangup = tokio::spawn(reload_keys_on_hangup(None));
         // Alone, this node is always entitled to the VIP; the sender lives as long as the agent.
         let (_role_tx, role_rx) = watch::channel(Leadership::now(Role::Leader));
         agent::run(config, disable_vip, role_rx, None, shutdown).await?;
@@ -245,9 +247,11 @@ async fn run_clustered(
             if let Some(w) = warning {
                 log::warn!("{w}");
             }
-            Some(keys)
+            Some(cluster::auth::SharedKeys::new(keys))
         }
     };
+    let reload = config.peer_key_file.clone().zip(keys.clone());
+    let _hangup = tokio::spawn(reload_keys_on_hangup(reload));
     let settings = cluster::ClusterSettings {
         local: peer(&local),
         remotes: config.remote_peers.iter().map(peer).collect(),
@@ -275,6 +279,42 @@ async fn run_clustered(
     }
     result?;
     Ok(())
+}
+
+/// Re-reads `peerKeyFile` on every SIGHUP (`systemctl reload`), so a key rotation step needs
+/// no restart; a file that does not load leaves the current keys in place. Without a key file
+/// SIGHUP only logs that there is nothing to reload (it must not stop the agent: an operator's
+/// `systemctl reload` would drop the VIP). Switching between keyed and unkeyed needs a restart.
+async fn reload_keys_on_hangup(
+    reload: Option<(std::path::PathBuf, Arc<cluster::auth::SharedKeys>)>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        error!("cannot install a SIGHUP handler: peerKeyFile changes need a restart");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let Some((path, keys)) = &reload else {
+            info!(
+                "SIGHUP: no peerKeyFile configured, nothing to reload (adding one needs a restart)"
+            );
+            continue;
+        };
+        match cluster::auth::KeyRing::load(path) {
+            Ok((ring, warning)) => {
+                if let Some(w) = warning {
+                    log::warn!("{w}");
+                }
+                info!(
+                    "SIGHUP: reloaded peerKeyFile {} ({} key(s) accepted); new connections use it",
+                    path.display(),
+                    ring.len()
+                );
+                keys.replace(ring);
+            }
+            Err(e) => error!("SIGHUP: keeping the current peer keys: {e}"),
+        }
+    }
 }
 
 /// Nice value the agent asks for: ahead of ordinary work on a busy node, not real-time.

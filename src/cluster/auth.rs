@@ -35,6 +35,7 @@
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
@@ -183,6 +184,33 @@ impl KeyRing {
     /// The key this node signs with.
     fn signing(&self) -> &Key {
         &self.keys[0]
+    }
+}
+
+/// The keys in use, replaceable while the node runs: SIGHUP re-reads `peerKeyFile`, so a
+/// rotation step needs no restart (and so no leader change). Each new connection takes the
+/// keys current when it starts; established connections keep their session keys until they
+/// close.
+#[derive(Debug)]
+pub struct SharedKeys(RwLock<Arc<KeyRing>>);
+
+impl SharedKeys {
+    /// Shares `keys`.
+    pub fn new(keys: KeyRing) -> Arc<SharedKeys> {
+        Arc::new(SharedKeys(RwLock::new(Arc::new(keys))))
+    }
+
+    /// The keys for a connection starting now.
+    pub fn current(&self) -> Arc<KeyRing> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the keys for connections started from now on.
+    pub fn replace(&self, keys: KeyRing) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(keys);
     }
 }
 
@@ -414,6 +442,20 @@ mod tests {
         assert!(!format!("{r:?}").contains("0101"));
         let e = KeyRing::parse(&K1[..40], p).unwrap_err().to_string();
         assert!(!e.contains(&K1[..40]), "{e}");
+    }
+
+    #[test]
+    fn shared_keys_swap_for_new_connections_only() {
+        let shared = SharedKeys::new(ring(&[K1]));
+        let before = shared.current();
+        shared.replace(ring(&[K2, K1]));
+        assert_eq!(
+            before.len(),
+            1,
+            "a connection keeps the keys it started with"
+        );
+        assert_eq!(shared.current().len(), 2);
+        assert_eq!(shared.current().own(), &ring(&[K2]).keys[0]);
     }
 
     #[test]

@@ -161,7 +161,7 @@ pub struct ClusterSettings {
     /// Directory for the vote, log and snapshot files (created if missing).
     pub state_dir: PathBuf,
     /// The keys of `peerKeyFile`; `None`: the peer channel is unauthenticated.
-    pub keys: Option<auth::KeyRing>,
+    pub keys: Option<Arc<auth::SharedKeys>>,
 }
 
 impl ClusterSettings {
@@ -305,7 +305,7 @@ impl Cluster {
         match &s.keys {
             Some(k) => log::info!(
                 "peer channel authenticated with peerKeyFile ({} key(s) accepted)",
-                k.len()
+                k.current().len()
             ),
             None => log::warn!(
                 "peer channel is NOT authenticated: anyone who can reach {} from a peer's address \
@@ -319,7 +319,7 @@ impl Cluster {
             s.local.addr.ip(),
             peers.clone(),
             Duration::from_millis(s.heartbeat_ms),
-            s.keys.clone().map(Arc::new),
+            s.keys.clone(),
         );
         let raft = Raft::new(
             me,

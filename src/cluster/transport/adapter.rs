@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use super::client::{CallError, HedgedClient, PeerClient};
 use super::codec::{clip, Request, Response};
 use super::{lock, PeerMap, PeerName};
-use crate::cluster::auth::KeyRing;
+use crate::cluster::auth::SharedKeys;
 use crate::cluster::bounds::{Ours, OutOfBounds};
 use crate::cluster::types::{Metrics, Node, NodeId, TypeConfig};
 
@@ -39,7 +39,7 @@ struct NetInner {
     /// Our Raft's metrics, once it runs: the reference point for checking answers ([`crate::cluster::bounds`]).
     metrics: OursSource,
     /// The keys of `peerKeyFile`, if set.
-    keys: Option<Arc<KeyRing>>,
+    keys: Option<Arc<SharedKeys>>,
 }
 
 /// Where answers find this node's current term and last log index (set once Raft runs).
@@ -66,7 +66,7 @@ impl Network {
         local_ip: IpAddr,
         peers: Arc<PeerMap>,
         backoff: Duration,
-        keys: Option<Arc<KeyRing>>,
+        keys: Option<Arc<SharedKeys>>,
     ) -> Network {
         Network {
             inner: Arc::new(NetInner {

@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use super::codec::{encode_frame, read_frame, Frame, FrameError, Request, Response};
 use super::handshake::DialError;
 use super::{handshake, lock, PeerName};
-use crate::cluster::auth::{FrameMac, KeyRing};
+use crate::cluster::auth::{FrameMac, SharedKeys};
 use crate::cluster::counters;
 use crate::cluster::types::{NodeId, PeerInfo};
 
@@ -123,7 +123,7 @@ impl PeerClient {
         local_ip: IpAddr,
         target: NodeId,
         peer: PeerInfo,
-        keys: Option<Arc<KeyRing>>,
+        keys: Option<Arc<SharedKeys>>,
     ) -> PeerClient {
         let (tx, rx) = mpsc::unbounded_channel();
         let last_answer = LastAnswer::default();
@@ -183,7 +183,7 @@ struct Dialer {
     local_ip: IpAddr,
     target: NodeId,
     peer: PeerInfo,
-    keys: Option<Arc<KeyRing>>,
+    keys: Option<Arc<SharedKeys>>,
 }
 
 async fn connect(d: &Dialer, last_answer: &LastAnswer) -> Result<Conn, DialError> {
@@ -197,8 +197,9 @@ async fn connect(d: &Dialer, last_answer: &LastAnswer) -> Result<Conn, DialError
         .set_nodelay(true)
         .map_err(|e| other(format!("set TCP_NODELAY: {e}")))?;
     let (mut rd, mut wr) = stream.into_split();
+    let ring = d.keys.as_ref().map(|k| k.current());
     let session =
-        handshake::client_hello(&mut rd, &mut wr, d.me, d.target, d.keys.as_deref()).await?;
+        handshake::client_hello(&mut rd, &mut wr, d.me, d.target, ring.as_deref()).await?;
     let pending: PendingMap = Arc::default();
     let reader = tokio::spawn(read_responses(
         rd,

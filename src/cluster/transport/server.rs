@@ -20,7 +20,7 @@ use super::client::RPC_TIMEOUT;
 use super::codec::{read_frame, write_frame, Frame, FrameError, Request, Response};
 use super::handshake::{self, Refused};
 use super::PeerMap;
-use crate::cluster::auth::{FrameMac, KeyRing};
+use crate::cluster::auth::{FrameMac, SharedKeys};
 use crate::cluster::bounds::{self, Ours, OutOfBounds};
 use crate::cluster::counters;
 use crate::cluster::elections::LeaderContact;
@@ -162,7 +162,7 @@ pub struct Server {
     /// Rate limit for lines about failed authentication, per source address.
     pub auth_log: PerSource,
     /// The keys of `peerKeyFile`; `None`: unauthenticated, peers identified by address.
-    pub keys: Option<KeyRing>,
+    pub keys: Option<Arc<SharedKeys>>,
 }
 
 /// Who is on the other end of an inbound connection, for log lines.
@@ -188,7 +188,8 @@ async fn serve_conn(sock: TcpStream, addr: SocketAddr, server: Arc<Server>) {
     }
     let (mut rd, mut wr) = sock.into_split();
 
-    let keys = server.keys.as_ref();
+    let ring = server.keys.as_ref().map(|k| k.current());
+    let keys = ring.as_deref();
     let (from, mut session) =
         match handshake::server_hello(&mut rd, &mut wr, addr, me, peers, keys).await {
             Ok(ok) => ok,
