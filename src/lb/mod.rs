@@ -329,4 +329,75 @@ mod tests {
         assert!(accepted.nodelay().expect("getsockopt"));
         drop(client);
     }
+
+    /// Beyond `maxConnections` a client waits (in the backlog) until a connection ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn max_connections_holds_back_the_next_client() {
+        use crate::config::{Backend, HealthCheck, HealthCheckType, LbType, Port};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let backend = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let backend_addr = backend.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = backend.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 16];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let config = LoadBalancer {
+            name: "t".into(),
+            kind: LbType::Tcp,
+            port: Port(port),
+            bind_to_vip: false,
+            backends: vec![Backend {
+                address: backend_addr.ip(),
+                port: Port(backend_addr.port()),
+            }],
+            connect_timeout_ms: None,
+            backend_cooldown_ms: None,
+            health_check: Some(HealthCheck {
+                kind: HealthCheckType::None,
+                ..HealthCheck::default_for_0_1()
+            }),
+            on_marked_down: None,
+            balance: None,
+            max_connections: Some(1),
+        };
+        let pools = Pools::start(std::slice::from_ref(&config));
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let lb = pools.start_lb(&config, addr).await.expect("start");
+        let echo = |mut s: TcpStream| async move {
+            s.write_all(b"x").await.expect("write");
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await.map(|_| s)
+        };
+        let first = echo(TcpStream::connect(addr).await.expect("connect"))
+            .await
+            .expect("first client is served");
+        // The second connect completes in the kernel's backlog, but nobody serves it yet.
+        let second = TcpStream::connect(addr).await.expect("connect");
+        let waiting = tokio::spawn(echo(second));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !waiting.is_finished(),
+            "second client served beyond maxConnections"
+        );
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("served once the first left")
+            .expect("task")
+            .expect("echo");
+        lb.stop().await;
+    }
 }

@@ -47,6 +47,14 @@ for i in 1 2 3; do
   echo "# node $i: $c leader change(s), $l lease lapse(s) during the flood"
   changes=$((changes + c)); lapses=$((lapses + l))
 done
+downs=0
+for i in 1 2 3; do
+  m="MARK_$i"
+  d=$(tail -n +"$(( ${!m} + 1 ))" "$WORK/node$i.log" | grep -c ' DOWN: ' || true)
+  downs=$((downs + d))
+done
+echo "# backends marked down during the flood (all nodes): $downs"
+check "flood: no backend marked down by starved health checks" test "$downs" = 0
 check "flood: 0 leader changes" test "$changes" = 0
 check "flood: 0 lease lapses" test "$lapses" = 0
 check "flood: the same node holds the VIP" holder_is "$leader"
