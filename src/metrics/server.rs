@@ -2,11 +2,13 @@
 //!
 //! It runs as its own small task beside the agent and never blocks it: every answer comes from
 //! atomics and one short lock. Anyone who can reach the port may ask (like kube-vip's own
-//! `:2112`), so the server bounds what a client can cost: [`MAX_CONNECTIONS`] at once, each
-//! closed after one request or [`CONNECTION_TIMEOUT`], whichever comes first.
+//! `:2112`), so the server bounds what a client can cost: [`MAX_PER_CLIENT`] connections per
+//! client address, [`MAX_CONNECTIONS`] for all remote clients together, each closed after one
+//! request or [`CONNECTION_TIMEOUT`], whichever comes first. Loopback has its own share, so
+//! kubelet's probe on 127.0.0.1 is answered whatever remote clients do.
 
 use std::convert::Infallible;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,14 +21,16 @@ use hyper_util::rt::TokioIo;
 use log::{debug, info, warn};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::config::MetricsListen;
 use crate::shutdown::Shutdown;
 
-/// Connections served at once; more wait in the kernel's backlog. A scraper or two and a
-/// kubelet need three.
+/// Connections from remote clients served at once; more are closed at once. A scraper or two
+/// need two.
 pub const MAX_CONNECTIONS: usize = 16;
+/// Connections one client address may have open; loopback clients (kubelet's probe) get
+/// theirs on top of [`MAX_CONNECTIONS`], so no remote client can starve the liveness probe.
+pub const MAX_PER_CLIENT: usize = 4;
 /// Longest a connection may take, request and answer together: a slow or silent client
 /// holds a slot no longer than this.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
@@ -71,15 +75,8 @@ pub async fn serve(listener: TcpListener, mut shutdown: Shutdown) {
     if let Ok(a) = listener.local_addr() {
         info!("serving /metrics, /healthz and /readyz on {a}");
     }
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Slots::default());
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.recv() => return,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return, // never closed
-            },
-        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.recv() => return,
             a = listener.accept() => match a {
@@ -92,8 +89,14 @@ pub async fn serve(listener: TcpListener, mut shutdown: Shutdown) {
                 }
             },
         };
+        // Never queue: a client over its share is closed at once, so the ones within theirs
+        // (kubelet's probe on loopback above all) never wait behind it.
+        let Some(slot) = Slots::take(&slots, client_key(peer.ip())) else {
+            debug!("metrics client {peer}: over its connection limit; closed");
+            continue;
+        };
         tokio::spawn(async move {
-            let _permit = permit;
+            let _slot = slot;
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), hyper::service::service_fn(answer));
@@ -103,6 +106,68 @@ pub async fn serve(listener: TcpListener, mut shutdown: Shutdown) {
                 Err(_) => debug!("metrics client {peer}: timed out"),
             }
         });
+    }
+}
+
+/// The address a client is counted under: IPv4 clients of the `[::]` socket arrive as
+/// `::ffff:a.b.c.d`, and every loopback address is one local client (127.0.0.0/8 holds 16
+/// million of them).
+fn client_key(ip: IpAddr) -> IpAddr {
+    let ip = ip.to_canonical();
+    if ip.is_loopback() {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        ip
+    }
+}
+
+/// Open connections, by client address (see [`client_key`]). Loopback clients (kubelet's probe in the sample
+/// manifest) are counted apart from the rest, so remote clients cannot use up their share.
+#[derive(Debug, Default)]
+struct Slots {
+    /// Connections open per client address.
+    by_ip: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+}
+
+/// One open connection; gives its slot back when dropped.
+struct Slot {
+    /// Where it is counted.
+    slots: Arc<Slots>,
+    /// The client's address.
+    ip: IpAddr,
+}
+
+impl Slots {
+    /// A slot for a new connection from `ip`, or `None` if that client, or the remote clients
+    /// together, already have their [`MAX_PER_CLIENT`] / [`MAX_CONNECTIONS`].
+    fn take(slots: &Arc<Slots>, ip: IpAddr) -> Option<Slot> {
+        let mut m = slots.by_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let remote: usize = m
+            .iter()
+            .filter(|(a, _)| !a.is_loopback())
+            .map(|(_, n)| n)
+            .sum();
+        let mine = m.get(&ip).copied().unwrap_or(0);
+        if mine >= MAX_PER_CLIENT || (!ip.is_loopback() && remote >= MAX_CONNECTIONS) {
+            return None;
+        }
+        m.insert(ip, mine + 1);
+        Some(Slot {
+            slots: slots.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = self.slots.by_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -251,6 +316,42 @@ mod tests {
             junk.is_empty() || junk.starts_with("HTTP/1.1 400"),
             "{junk}"
         );
+    }
+
+    #[test]
+    fn slots_per_client_and_loopback_apart() {
+        let slots = Arc::new(Slots::default());
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let one: Vec<_> = (0..MAX_PER_CLIENT)
+            .map(|_| Slots::take(&slots, ip("10.0.0.1")).expect("within share"))
+            .collect();
+        assert!(
+            Slots::take(&slots, ip("10.0.0.1")).is_none(),
+            "over its share"
+        );
+        let others: Vec<_> = (0..MAX_CONNECTIONS - MAX_PER_CLIENT)
+            .map(|i| Slots::take(&slots, ip(&format!("10.0.1.{}", i % 200))).expect("room"))
+            .collect();
+        assert!(
+            Slots::take(&slots, ip("10.0.2.1")).is_none(),
+            "remote clients full"
+        );
+        let lo = Slots::take(&slots, client_key(ip("::ffff:127.0.0.1")));
+        assert!(lo.is_some(), "loopback has its own share");
+        let more: Vec<_> = (2..=MAX_PER_CLIENT)
+            .map(|i| Slots::take(&slots, client_key(ip(&format!("127.0.0.{i}")))).expect("lo"))
+            .collect();
+        assert!(
+            Slots::take(&slots, client_key(ip("127.9.9.9"))).is_none(),
+            "all of 127/8 is one client"
+        );
+        drop(more);
+        drop(one);
+        assert!(
+            Slots::take(&slots, ip("10.0.2.1")).is_some(),
+            "slots come back"
+        );
+        drop(others);
     }
 
     #[tokio::test]
