@@ -78,6 +78,13 @@ impl Pools {
         pools
     }
 
+    /// Every load balancer's backends by port, for a metrics module: each backend's
+    /// [`health::HealthState`] is in [`Backends::health`].
+    #[allow(dead_code)]
+    pub fn backends(&self) -> impl Iterator<Item = (u16, &Arc<Backends>)> {
+        self.by_port.iter().map(|(p, b)| (*p, b))
+    }
+
     /// Starts serving `lb` on `addr` with its backends.
     pub async fn start_lb(
         &self,

@@ -98,3 +98,22 @@ impl ServerCertVerifier for NoVerify {
         self.0.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unusable_ca_file_says_why() {
+        let e = client_config(Some(Path::new("/nonexistent/ca.pem"))).expect_err("missing");
+        assert!(e.starts_with("caFile /nonexistent/ca.pem:"), "{e}");
+        let dir = std::env::temp_dir().join(format!("kv-tls-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").expect("write");
+        let e = client_config(Some(&empty)).expect_err("no certs");
+        assert!(e.contains("no certificate in the file"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(client_config(None).is_ok());
+    }
+}
