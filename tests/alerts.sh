@@ -3,7 +3,7 @@
 # (deploy/alerts-test.yaml feeds series and expects each alert to fire, or not, at given times).
 # Controls: the same tests against broken copies of the rules must fail, or they prove nothing.
 source "$(dirname "$0")/lib.sh"
-command -v promtool >/dev/null || { echo "promtool missing (Debian package prometheus; scripts/deps test)"; exit 1; }
+need promtool
 
 check "promtool check rules deploy/alerts.yaml" quiet promtool check rules "$ROOT/deploy/alerts.yaml"
 check "promtool test rules deploy/alerts-test.yaml" quiet promtool test rules "$ROOT/deploy/alerts-test.yaml"

@@ -6,8 +6,7 @@
 source "$(dirname "$0")/../lib.sh"
 source "$(dirname "$0")/../cluster-lib.sh"
 DURATION=${DURATION:-60}
-command -v wrk >/dev/null && command -v haproxy >/dev/null ||
-  { echo "needs wrk and haproxy: scripts/deps bench"; exit 1; }
+need ip wrk haproxy curl python3 sysctl
 
 make_cluster_net
 cat > "$WORK/fast.cfg" <<EOF

@@ -8,6 +8,7 @@
 # HEALTH_CHECK=none (or any healthCheck flow map) runs the same checks against other settings,
 # to show they can fail.
 source "$(dirname "$0")/../lib.sh"
+need ip iptables openssl python3 curl
 
 HEALTH_CHECK=${HEALTH_CHECK:-"{type: https, path: /readyz}"}
 mkns L lb     # kube-vip and the clients
