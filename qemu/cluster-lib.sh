@@ -60,6 +60,8 @@ kvc_config() {
 	if [[ $mode == single ]]; then echo "singleNode: true"; else echo "singleNode: false"; fi
 	if [[ $i == 1 ]]; then echo "startAsLeader: true"; else echo "startAsLeader: false"; fi
 	echo "interface: eth0"
+	# With a peer key (KVC_PEER_KEY, put on every config disk by kvc_disks).
+	[[ -z ${KVC_PEER_KEY:-} ]] || echo "peerKeyFile: /etc/kube-vip/peer.key"
 	echo "loadBalancers:"
 	echo "- name: Kubernetes Control Plane"
 	echo "  type: tcp"
@@ -82,7 +84,7 @@ kvc_disks() {
 		kvc_config "$i" >"$cfg"
 	fi
 	"$KV_REPO/image/make-config-disk" -c "$cfg" -a "${KVC_VM_IPS[$i]}/24" -i eth0 -n "vm$i" \
-		-o "$img" >/dev/null
+		${KVC_PEER_KEY:+-k "$KVC_PEER_KEY"} -o "$img" >/dev/null
 	"$KV_REPO/image/make-state-disk" -o "$KV_WORKDIR/vm$i-state.img" >/dev/null
 	echo "$img"
 }
