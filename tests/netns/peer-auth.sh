@@ -15,6 +15,7 @@
 # never unheld, no agent exits; afterwards a kill -9 of the holder still fails over.
 source "$(dirname "$0")/../lib.sh"
 source "$ROOT/tests/cluster-lib.sh"
+need ip python3 tcpdump
 
 TERM_2_40=1099511627776
 TERM_MAX=18446744073709551615
