@@ -425,6 +425,22 @@ mod tests {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         lb.stop().await;
+        // One backend connection carried the five requests; its bytes are counted when it
+        // closes, which the stopped listener's pool makes happen.
+        use crate::metrics::backend_sample;
+        let get = |m: &str| backend_sample(m, "web", backend_addr).unwrap_or(-1.0);
+        assert_eq!(get("backend_connections_total"), 1.0);
+        for _ in 0..100 {
+            if get("backend_received_bytes_total") > 0.0 && get("backend_active_connections") == 0.0
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Five requests with their forwarding headers, five answers ending in "hi".
+        assert!(get("backend_sent_bytes_total") > 5.0 * 40.0);
+        assert!(get("backend_received_bytes_total") > 5.0 * 40.0);
+        assert_eq!(get("backend_active_connections"), 0.0);
     }
 
     #[test]
