@@ -122,6 +122,7 @@ pub async fn run(
         .collect();
     // Backends and their health checks live as long as the agent (see `lb::Pools`).
     let pools = lb::Pools::start(&config.load_balancers);
+    crate::metrics::get().backends_from(pools.status_source());
     let mut always = Vec::new();
     for lbc in config.load_balancers.iter().filter(|l| !l.bind_to_vip) {
         match pools.start_lb(lbc, lb::listen_addr(lbc, config.vip)).await {

@@ -30,6 +30,13 @@ use tokio::time::{timeout, Instant};
 
 use super::health::{Change, Checker, Health, HealthState, Outcome};
 use crate::config::{Balance, LoadBalancer, OnMarkedDown};
+use crate::metrics::status::BackendStatus;
+use crate::metrics::{self, BackendMetrics};
+
+/// A duration in whole milliseconds, for `status`.
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
 
 /// Opens backend connections: TCP_NODELAY, keepalive and `TCP_USER_TIMEOUT` set, under a
 /// connect timeout.
@@ -67,6 +74,8 @@ pub struct Backend {
     downs: watch::Sender<u64>,
     /// Mirror of `health`'s up flag, read on every pick without the lock.
     up: AtomicBool,
+    /// Its `kube_vip_backend_*` metrics, labelled once here.
+    metrics: BackendMetrics,
 }
 
 /// The backends of one load balancer.
@@ -134,13 +143,23 @@ impl Lease {
     pub fn addr(&self) -> SocketAddr {
         self.backends.backends[self.i].addr
     }
+
+    /// The backend's metrics, for a proxy that counts bytes where they move.
+    pub fn metrics(&self) -> &BackendMetrics {
+        &self.backends.backends[self.i].metrics
+    }
+
+    /// The backend's index in its [`Backends`] (see [`Backends::metrics`]).
+    pub fn index(&self) -> usize {
+        self.i
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.backends.backends[self.i]
-            .active
-            .fetch_sub(1, Ordering::Relaxed);
+        let b = &self.backends.backends[self.i];
+        b.active.fetch_sub(1, Ordering::Relaxed);
+        b.metrics.conn_ended();
     }
 }
 
@@ -158,6 +177,7 @@ impl Backends {
                 active: AtomicUsize::new(0),
                 downs: watch::Sender::new(0),
                 up: AtomicBool::new(true),
+                metrics: metrics::get().backend(&lb.name, b.socket_addr()),
             })
             .collect();
         Backends {
@@ -192,6 +212,7 @@ impl Backends {
                     loop {
                         tick.tick().await;
                         let outcome = checker.check(me.backends[i].addr, &me.connector).await;
+                        me.backends[i].metrics.checked(outcome.took);
                         debug!(
                             "[{}] check of {}: {} ({} ms)",
                             me.name,
@@ -206,8 +227,30 @@ impl Backends {
             .collect()
     }
 
-    /// Health of every backend, in configured order (for a metrics module and tests).
-    #[allow(dead_code)]
+    /// Every backend as `kube-vip status` shows it, in configured order.
+    pub fn status(&self) -> Vec<BackendStatus> {
+        let now = Instant::now();
+        self.health()
+            .into_iter()
+            .map(|(addr, h)| BackendStatus {
+                lb: self.name.clone(),
+                backend: addr.to_string(),
+                state: if h.up { "up" } else { "down" }.into(),
+                for_ms: ms(now.saturating_duration_since(h.since)),
+                last_check_ok: h.last.as_ref().map(|o| o.ok),
+                last_check: h
+                    .last
+                    .as_ref()
+                    .map_or_else(|| "none yet".to_string(), |o| o.detail.clone()),
+                last_check_ago_ms: h
+                    .last
+                    .as_ref()
+                    .map(|o| ms(now.saturating_duration_since(o.at))),
+            })
+            .collect()
+    }
+
+    /// Health of every backend, in configured order (for `status` and tests).
     pub fn health(&self) -> Vec<(SocketAddr, HealthState)> {
         self.backends
             .iter()
@@ -224,6 +267,7 @@ impl Backends {
             return;
         };
         b.up.store(up, Ordering::Relaxed);
+        b.metrics.set_up(up);
         let total = self.backends.len();
         if up {
             b.cooldown_until.store(0, Ordering::Relaxed);
@@ -292,6 +336,11 @@ impl Backends {
         self.connect_in(self.order()).await
     }
 
+    /// The metrics of backend `i`.
+    pub fn metrics(&self, i: usize) -> &BackendMetrics {
+        &self.backends[i].metrics
+    }
+
     /// The address of backend `i` (an index from [`Backends::order`]).
     pub fn addr(&self, i: usize) -> SocketAddr {
         self.backends[i].addr
@@ -307,6 +356,7 @@ impl Backends {
             let b = &self.backends[i];
             let downs = b.downs.subscribe();
             b.active.fetch_add(1, Ordering::Relaxed);
+            b.metrics.conn_started();
             let lease = Lease {
                 backends: self.clone(),
                 i,
@@ -317,10 +367,12 @@ impl Backends {
             match self.connector.connect(b.addr).await {
                 Ok(stream) => {
                     b.cooldown_until.store(0, Ordering::Relaxed);
+                    b.metrics.conn_connected();
                     return Ok((stream, lease));
                 }
                 Err(e) => {
                     drop(lease);
+                    b.metrics.connect_failed();
                     let was_cool = b.cooldown_until.load(Ordering::Relaxed) <= self.now_ms();
                     b.cooldown_until.store(
                         self.now_ms() + self.cooldown.as_millis() as u64,
@@ -511,6 +563,42 @@ mod tests {
         drop(lease);
         assert_eq!(b.backends[1].active.load(Ordering::Relaxed), 0);
         assert_eq!(b.backends[0].active.load(Ordering::Relaxed), 0);
+    }
+
+    /// The metric hooks: a failed connect, a forwarded connection while it is open, and a
+    /// down mark, each in its backend's series.
+    #[tokio::test]
+    async fn connects_and_marks_feed_the_metrics() {
+        use crate::metrics::backend_sample;
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let dead_addr = dead.local_addr().expect("addr");
+        drop(dead);
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let live_addr = live.local_addr().expect("addr");
+        let mut config = lb(&[dead_addr, live_addr], Balance::Roundrobin);
+        config.name = "hooks".into();
+        let b = Arc::new(Backends::new(&config, true));
+        let get = |m: &str, a: SocketAddr| backend_sample(m, "hooks", a).unwrap_or(-1.0);
+        assert_eq!(get("backend_up", live_addr), 1.0, "up at start");
+        let (_s, lease) = b.connect().await.expect("connect");
+        assert_eq!(get("backend_connect_failures_total", dead_addr), 1.0);
+        assert_eq!(get("backend_connections_total", dead_addr), 0.0);
+        assert_eq!(get("backend_connections_total", live_addr), 1.0);
+        assert_eq!(get("backend_active_connections", live_addr), 1.0);
+        assert_eq!(get("backend_active_connections", dead_addr), 0.0);
+        drop(lease);
+        assert_eq!(get("backend_active_connections", live_addr), 0.0);
+        fail(&b, 1);
+        fail(&b, 1);
+        assert_eq!(get("backend_up", live_addr), 0.0, "marked down");
+        let st = b.status();
+        assert_eq!(
+            (st[1].state.as_str(), st[1].last_check_ok),
+            ("down", Some(false))
+        );
+        assert_eq!(st[1].last_check, "test");
     }
 
     #[tokio::test]

@@ -23,7 +23,13 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
-use tokio::net::TcpListener;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::metrics::BackendMetrics;
 
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -173,6 +179,7 @@ async fn forward(
         }
     };
     let backend = lease.addr();
+    let stream = Counted::new(stream, lease.metrics().clone());
     let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
     {
         Ok(pair) => pair,
@@ -204,6 +211,87 @@ async fn forward(
             warn!("http request from {peer} to {backend}: {e}");
             Ok(error_response(StatusCode::BAD_GATEWAY, "backend failed\n"))
         }
+    }
+}
+
+/// A backend connection that counts the bytes it carries into its backend's metrics: tallied
+/// per read and write in two plain fields, added to the counters once, when it closes.
+struct Counted {
+    /// The connection.
+    inner: TcpStream,
+    /// Bytes written to the backend.
+    sent: u64,
+    /// Bytes read from the backend.
+    received: u64,
+    /// Where the tallies go.
+    metrics: BackendMetrics,
+}
+
+impl Counted {
+    fn new(inner: TcpStream, metrics: BackendMetrics) -> Counted {
+        Counted {
+            inner,
+            sent: 0,
+            received: 0,
+            metrics,
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.metrics.bytes(self.sent, self.received);
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.received += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.sent += n as u64;
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            self.sent += n as u64;
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -337,6 +425,22 @@ mod tests {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         lb.stop().await;
+        // One backend connection carried the five requests; its bytes are counted when it
+        // closes, which the stopped listener's pool makes happen.
+        use crate::metrics::backend_sample;
+        let get = |m: &str| backend_sample(m, "web", backend_addr).unwrap_or(-1.0);
+        assert_eq!(get("backend_connections_total"), 1.0);
+        for _ in 0..100 {
+            if get("backend_received_bytes_total") > 0.0 && get("backend_active_connections") == 0.0
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Five requests with their forwarding headers, five answers ending in "hi".
+        assert!(get("backend_sent_bytes_total") > 5.0 * 40.0);
+        assert!(get("backend_received_bytes_total") > 5.0 * 40.0);
+        assert_eq!(get("backend_active_connections"), 0.0);
     }
 
     #[test]

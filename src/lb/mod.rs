@@ -78,11 +78,19 @@ impl Pools {
         pools
     }
 
-    /// Every load balancer's backends by port, for a metrics module: each backend's
-    /// [`health::HealthState`] is in [`Backends::health`].
-    #[allow(dead_code)]
+    /// Every load balancer's backends by port: each backend's [`health::HealthState`] is in
+    /// [`Backends::health`].
     pub fn backends(&self) -> impl Iterator<Item = (u16, &Arc<Backends>)> {
         self.by_port.iter().map(|(p, b)| (*p, b))
+    }
+
+    /// What `kube-vip status` shows of the backends, read afresh on every request: every load
+    /// balancer in port order, its backends in configured order.
+    pub fn status_source(&self) -> crate::metrics::BackendSource {
+        let mut all: Vec<(u16, Arc<Backends>)> =
+            self.backends().map(|(p, b)| (p, b.clone())).collect();
+        all.sort_by_key(|(p, _)| *p);
+        Box::new(move || all.iter().flat_map(|(_, b)| b.status()).collect())
     }
 
     /// Starts serving `lb` on `addr` with its backends.

@@ -32,6 +32,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::backends::Backends;
 use super::{limits, Admission};
+use crate::metrics::BackendMetrics;
 use crate::shutdown::Shutdown;
 
 /// Reads of up to this many bytes go through the thread's buffer; a read that fills it switches its
@@ -78,21 +79,48 @@ async fn proxy(
     debug!("{peer} -> {backend}");
     // An atomic only because the future must be Send; both directions run in this one task.
     let one_done = AtomicBool::new(false);
+    // Bytes moved each way, counted by each direction as it goes and reported when this
+    // function ends in any way (an error, a down mark, or the listener aborting it).
+    let mut moved = Moved {
+        up: 0,
+        down: 0,
+        metrics: backends.metrics(lease.index()),
+    };
     let both = async {
         tokio::try_join!(
-            pump(&client, &server, &one_done),
-            pump(&server, &client, &one_done)
+            pump(&client, &server, &one_done, &mut moved.up),
+            pump(&server, &client, &one_done, &mut moved.down)
         )
     };
     tokio::select! {
         r = both => match r {
-            Ok((up, down)) => debug!("{peer} -> {backend} closed ({up} bytes up, {down} down)"),
+            Ok(_) => debug!("{peer} -> {backend} closed"),
             Err(e) if is_disconnect(&e) => debug!("{peer} -> {backend} reset: {e}"),
             Err(e) => warn!("{peer} -> {backend}: {e}"),
         },
         _ = lease.marked_down() => {
             debug!("{peer} -> {backend}: backend marked down, closing");
         }
+    }
+    debug!(
+        "{peer} -> {backend}: {} bytes up, {} down",
+        moved.up, moved.down
+    );
+}
+
+/// Bytes one connection moved, added to its backend's counters when dropped.
+struct Moved<'a> {
+    /// From the client to the backend.
+    up: u64,
+    /// From the backend to the client.
+    down: u64,
+    /// The backend's metrics.
+    metrics: &'a BackendMetrics,
+}
+
+impl Drop for Moved<'_> {
+    fn drop(&mut self) {
+        self.metrics.bytes(self.up, self.down);
     }
 }
 
@@ -147,7 +175,8 @@ struct Read {
 }
 
 /// Moves everything `src` sends to `dst` until `src` ends its side, then shuts down `dst`'s
-/// write half (the other direction is left alone). Returns the bytes moved. `one_done` is shared
+/// write half (the other direction is left alone). Adds the bytes moved to `total` as they are
+/// sent (what recv, send and splice return; nothing per byte). `one_done` is shared
 /// by the two directions of a connection: the direction that ends second skips the shutdown,
 /// since both sockets are closed right after, and a close sends the FIN just the same (the
 /// socket holds no unread data: the other direction has read it to its end).
@@ -156,11 +185,15 @@ struct Read {
 /// whenever something reads into it: an EAGAIN from a splice into the pipe always means "the
 /// socket has nothing yet" (never "the pipe is full"), which keeps tokio's readiness honest,
 /// and a pipe left at the end is empty and can be reused.
-async fn pump(src: &TcpStream, dst: &TcpStream, one_done: &AtomicBool) -> io::Result<u64> {
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    one_done: &AtomicBool,
+    total: &mut u64,
+) -> io::Result<()> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut pipe: Option<Pipe> = None;
     let mut bulk = false;
-    let mut total = 0u64;
     loop {
         let r = match (&pipe, bulk) {
             (Some(p), true) => {
@@ -187,7 +220,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream, one_done: &AtomicBool) -> io::Re
         if r.read == 0 {
             break; // EOF from src
         }
-        total += (r.read - r.parked - r.spill.len()) as u64;
+        *total += (r.read - r.parked - r.spill.len()) as u64;
         bulk = r.read >= SMALL_READ;
         if bulk && pipe.is_none() {
             pipe = Pipe::get().ok();
@@ -204,7 +237,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream, one_done: &AtomicBool) -> io::Re
                 return Err(io::ErrorKind::WriteZero.into());
             }
             left -= sent;
-            total += sent as u64;
+            *total += sent as u64;
         }
         let mut rest = &r.spill[..];
         while !rest.is_empty() {
@@ -213,7 +246,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream, one_done: &AtomicBool) -> io::Re
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(sent) => {
                     rest = &rest[sent..];
-                    total += sent as u64;
+                    *total += sent as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
@@ -224,11 +257,11 @@ async fn pump(src: &TcpStream, dst: &TcpStream, one_done: &AtomicBool) -> io::Re
         p.recycle();
     }
     if one_done.swap(true, Ordering::Relaxed) {
-        return Ok(total);
+        return Ok(());
     }
     match shutdown(dst.as_raw_fd(), How::Write) {
         // The peer may be gone already; the other direction will see that itself.
-        Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(total),
+        Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
@@ -468,6 +501,14 @@ mod tests {
         assert!(got[..BULK] == down[..], "downstream bytes differ");
         assert_eq!(&got[BULK..], b"trailer");
         lb.stop().await;
+        // Every byte counted once, each way (splice and buffer paths alike).
+        use crate::metrics::backend_sample;
+        let sent = backend_sample("backend_sent_bytes_total", "test", backend_addr);
+        let received = backend_sample("backend_received_bytes_total", "test", backend_addr);
+        assert_eq!(sent, Some(BULK as f64));
+        assert_eq!(received, Some((BULK + b"trailer".len()) as f64));
+        let conns = backend_sample("backend_connections_total", "test", backend_addr);
+        assert_eq!(conns, Some(1.0));
     }
 
     /// Short reads towards a client that does not read yet: once the proxy's send buffer is

@@ -14,6 +14,7 @@ pub mod status;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -114,10 +115,15 @@ pub struct Metrics {
     pub announce_frames: Family<FrameLabels, Counter>,
     /// Failed connections or writes to a peer's Raft port, by peer.
     pub peer_connection_errors: Family<PeerLabels, Counter>,
-    /// Peer connections refused because they failed authentication, by peer (fed once peer
-    /// keys exist).
-    pub peer_auth_refused: Family<PeerLabels, Counter>,
-    /// 1 if the backend passes its health check, else 0 (fed once health checks exist).
+    /// Peer connections refused or abandoned because authentication failed. A plain counter:
+    /// refusals come from sources that proved nothing, so no peer label can be trusted. Copied
+    /// from `cluster::counters` before each encode (see [`Metrics::encode`]).
+    pub peer_auth_refused: Counter,
+    /// Peer frames refused before Raft saw them (out-of-bounds terms or log ids, bad tags).
+    pub peer_frames_refused: Counter,
+    /// Inbound peer connections closed by the connection limits.
+    pub peer_connections_limited: Counter,
+    /// 1 if the backend passes its health checks, else 0.
     pub backend_up: Family<BackendLabels, Gauge>,
     /// Client connections open to the backend now.
     pub backend_active_connections: Family<BackendLabels, Gauge>,
@@ -133,6 +139,72 @@ pub struct Metrics {
     pub backend_check_duration: SecondsFamily<BackendLabels>,
     /// What `/healthz`, `/readyz` and `status` read.
     state: Mutex<State>,
+    /// Where `status` reads backend health from (see [`Metrics::backends_from`]).
+    backends: Mutex<Option<BackendSource>>,
+}
+
+/// Reads every load balancer's backends for `status` (a closure over the agent's pools, so this
+/// module needs no load-balancer types).
+pub type BackendSource = Box<dyn Fn() -> Vec<status::BackendStatus> + Send + Sync>;
+
+/// One backend's metric handles (children of the `kube_vip_backend_*` families, sharing their
+/// values), made once per backend by [`Metrics::backend`]. Each method is a hook: one line where
+/// the event happens, a few relaxed atomic adds, no lock and no allocation.
+#[derive(Debug, Clone)]
+pub struct BackendMetrics {
+    /// `kube_vip_backend_up`.
+    up: Gauge,
+    /// `kube_vip_backend_active_connections`.
+    active: Gauge,
+    /// `kube_vip_backend_connections_total`.
+    connections: Counter,
+    /// `kube_vip_backend_connect_failures_total`.
+    connect_failures: Counter,
+    /// `kube_vip_backend_sent_bytes_total`.
+    sent: Counter,
+    /// `kube_vip_backend_received_bytes_total`.
+    received: Counter,
+    /// `kube_vip_backend_health_check_duration_seconds`.
+    check_duration: Seconds,
+}
+
+impl BackendMetrics {
+    /// Hook: the backend's health changed (active checks, or failed proxied connects).
+    pub fn set_up(&self, up: bool) {
+        self.up.set(i64::from(up));
+    }
+
+    /// Hook: a proxied connection to the backend starts (connecting counts: `leastconn` counts
+    /// it too).
+    pub fn conn_started(&self) {
+        self.active.inc();
+    }
+
+    /// Hook: the connect of a proxied connection succeeded.
+    pub fn conn_connected(&self) {
+        self.connections.inc();
+    }
+
+    /// Hook: the connect of a proxied connection failed.
+    pub fn connect_failed(&self) {
+        self.connect_failures.inc();
+    }
+
+    /// Hook: a proxied connection ended (or its connect failed).
+    pub fn conn_ended(&self) {
+        self.active.dec();
+    }
+
+    /// Hook: bytes a proxied connection moved, `sent` to the backend and `received` from it.
+    pub fn bytes(&self, sent: u64, received: u64) {
+        self.sent.inc_by(sent);
+        self.received.inc_by(received);
+    }
+
+    /// Hook: one health check took `took`.
+    pub fn checked(&self, took: Duration) {
+        self.check_duration.observe(took.as_secs_f64());
+    }
 }
 
 /// The non-metric state: what this node is and has seen.
@@ -196,7 +268,9 @@ impl Metrics {
             probe_conflicts: Counter::default(),
             announce_frames: Family::default(),
             peer_connection_errors: Family::default(),
-            peer_auth_refused: Family::default(),
+            peer_auth_refused: Counter::default(),
+            peer_frames_refused: Counter::default(),
+            peer_connections_limited: Counter::default(),
             backend_up: Family::default(),
             backend_active_connections: Family::default(),
             backend_connections: Family::default(),
@@ -216,6 +290,7 @@ impl Metrics {
                 elected_at: None,
                 alive_at: Instant::now(),
             }),
+            backends: Mutex::new(None),
         };
         r.register("is_leader", "1 while this node is entitled to hold the VIP (Raft leader with a live lease, or single-node mode), else 0", m.is_leader.clone());
         r.register("vip_bound", "1 while the VIP is on this node's interface, else 0; differs from is_leader during a probe or a lease lapse", m.vip_bound.clone());
@@ -255,8 +330,18 @@ impl Metrics {
         );
         r.register(
             "peer_auth_refused",
-            "Peer connections refused for failing authentication, by claimed peer",
+            "Peer connections refused or abandoned because authentication failed (wrong or missing key, bad proof), both directions",
             m.peer_auth_refused.clone(),
+        );
+        r.register(
+            "peer_frames_refused",
+            "Peer frames refused before Raft saw them: terms or log ids out of bounds, a vote naming another node, a tag that did not verify",
+            m.peer_frames_refused.clone(),
+        );
+        r.register(
+            "peer_connections_limited",
+            "Inbound peer connections closed by the connection limits",
+            m.peer_connections_limited.clone(),
         );
         r.register(
             "backend_up",
@@ -417,9 +502,62 @@ impl Metrics {
         Ok(())
     }
 
-    /// The metrics in the text format `Accept` asks for (see [`server::encode`]).
+    /// The metrics in the text format `Accept` asks for (see [`server::encode`]), with the peer
+    /// channel's tallies copied in first.
     pub fn encode(&self, openmetrics: bool) -> Result<String, std::fmt::Error> {
+        self.copy_peer_counters();
         server::encode(&self.registry, openmetrics)
+    }
+
+    /// Copies the peer channel's atomics (`cluster::counters`, counted where the refusals
+    /// happen) into their counters. Both only grow, so the counters stay monotonic.
+    fn copy_peer_counters(&self) {
+        use crate::cluster::counters as c;
+        for (counter, tally) in [
+            (&self.peer_auth_refused, &c::PEER_AUTH_FAILURES),
+            (&self.peer_frames_refused, &c::PEER_FRAMES_REFUSED),
+            (&self.peer_connections_limited, &c::PEER_CONNECTIONS_LIMITED),
+        ] {
+            counter
+                .inner()
+                .store(tally.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    /// The metric handles of one backend, made once when its load balancer's backends are
+    /// made: the proxy then feeds them without a label lookup or an allocation. Its
+    /// `backend_up` starts at 1, as the backend's health does.
+    pub fn backend(&self, lb: &str, addr: SocketAddr) -> BackendMetrics {
+        let l = BackendLabels {
+            lb: lb.to_string(),
+            backend: addr.to_string(),
+        };
+        let m = BackendMetrics {
+            up: self.backend_up.get_or_create(&l).clone(),
+            active: self.backend_active_connections.get_or_create(&l).clone(),
+            connections: self.backend_connections.get_or_create(&l).clone(),
+            connect_failures: self.backend_connect_failures.get_or_create(&l).clone(),
+            sent: self.backend_sent_bytes.get_or_create(&l).clone(),
+            received: self.backend_received_bytes.get_or_create(&l).clone(),
+            check_duration: self.backend_check_duration.get_or_create(&l).clone(),
+        };
+        m.up.set(1);
+        m
+    }
+
+    /// Hook: where `status` reads the load balancers' backends from (set once by the agent).
+    pub fn backends_from(&self, source: BackendSource) {
+        if let Ok(mut s) = self.backends.lock() {
+            *s = Some(source);
+        }
+    }
+
+    /// Every backend's state for `status`, empty without load balancers.
+    fn backend_status(&self) -> Vec<status::BackendStatus> {
+        match self.backends.lock() {
+            Ok(s) => s.as_ref().map(|f| f()).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        }
     }
 }
 
@@ -452,9 +590,66 @@ pub async fn start(config: &Config, shutdown: Shutdown) -> Result<(), server::Bi
     Ok(())
 }
 
+/// Test helper: the value of `kube_vip_<metric>{lb,backend}` in the process-wide metrics.
+#[cfg(test)]
+pub fn backend_sample(metric: &str, lb: &str, backend: std::net::SocketAddr) -> Option<f64> {
+    let text = get().encode(false).ok()?;
+    let head = format!("kube_vip_{metric}{{lb=\"{lb}\",backend=\"{backend}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(head.as_str()))
+        .and_then(|v| v.parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_channel_tallies_are_exported() {
+        use crate::cluster::counters as c;
+        let m = Metrics::new();
+        c::PEER_AUTH_FAILURES.fetch_add(2, Ordering::Relaxed);
+        c::PEER_FRAMES_REFUSED.fetch_add(3, Ordering::Relaxed);
+        c::PEER_CONNECTIONS_LIMITED.fetch_add(4, Ordering::Relaxed);
+        let text = m.encode(false).expect("encode");
+        let value = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+        };
+        // Other tests count refusals too: at least ours.
+        assert!(value("kube_vip_peer_auth_refused_total") >= 2);
+        assert!(value("kube_vip_peer_frames_refused_total") >= 3);
+        assert!(value("kube_vip_peer_connections_limited_total") >= 4);
+    }
+
+    #[test]
+    fn backend_hooks_feed_their_series() {
+        let m = Metrics::new();
+        let b = m.backend("api", addr("10.0.0.1:6443"));
+        b.conn_started();
+        b.conn_connected();
+        b.conn_started();
+        b.connect_failed();
+        b.conn_ended();
+        b.bytes(10, 20);
+        b.set_up(false);
+        b.checked(Duration::from_millis(3));
+        let text = m.encode(false).expect("encode");
+        let l = "{lb=\"api\",backend=\"10.0.0.1:6443\"}";
+        for want in [
+            format!("kube_vip_backend_up{l} 0"),
+            format!("kube_vip_backend_active_connections{l} 1"),
+            format!("kube_vip_backend_connections_total{l} 1"),
+            format!("kube_vip_backend_connect_failures_total{l} 1"),
+            format!("kube_vip_backend_sent_bytes_total{l} 10"),
+            format!("kube_vip_backend_received_bytes_total{l} 20"),
+            format!("kube_vip_backend_health_check_duration_seconds_count{l} 1"),
+        ] {
+            assert!(text.contains(&want), "{want} missing in {text}");
+        }
+    }
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("addr")

@@ -77,7 +77,7 @@ pub struct Status {
     pub ready: String,
     /// The other peers and what our connection to each last did.
     pub peers: Vec<PeerStatus>,
-    /// Backends and their health (empty until health checks exist).
+    /// Every load balancer's backends and their health (empty without load balancers).
     pub backends: Vec<BackendStatus>,
 }
 
@@ -101,8 +101,14 @@ pub struct BackendStatus {
     pub backend: String,
     /// `up` or `down`.
     pub state: String,
-    /// When it was last checked, and how that went.
+    /// How long it has been in that state, in ms.
+    pub for_ms: u64,
+    /// Whether the last check (or failed proxied connect) passed; absent before the first.
+    pub last_check_ok: Option<bool>,
+    /// What the last check found (`/readyz 200`, `connect: Connection refused`, `none yet`).
     pub last_check: String,
+    /// How long ago the last check ended, in ms; absent before the first.
+    pub last_check_ago_ms: Option<u64>,
 }
 
 impl Metrics {
@@ -114,6 +120,7 @@ impl Metrics {
         };
         let bound = self.vip_bound.get() == 1;
         let term = u64::try_from(self.raft_term.get()).ok();
+        let backends = self.backend_status();
         let s = self.state();
         let name = |a: &SocketAddr| s.peers.get(a).cloned().unwrap_or_else(|| a.to_string());
         let leader = s.leader.map(|a| format!("{} ({a})", name(&a)));
@@ -173,8 +180,7 @@ impl Metrics {
             vip_holder,
             ready,
             peers,
-            // TODO(health checks): fill from the load balancers' backend state.
-            backends: Vec::new(),
+            backends,
         }
     }
 }
@@ -392,19 +398,43 @@ pub fn table(s: &Status) -> String {
         }
     }
     if s.backends.is_empty() {
-        row("backends", "(health checks not available in this version)");
+        row("backends", "none (no loadBalancers configured)");
     } else {
+        let up = s.backends.iter().filter(|b| b.state == "up").count();
+        row("backends", &format!("{up}/{} up", s.backends.len()));
         for b in &s.backends {
+            let last = match (b.last_check_ok, b.last_check_ago_ms) {
+                (Some(ok), Some(ago)) => format!(
+                    "last check {} ago {}: {}",
+                    secs(ago),
+                    if ok { "passed" } else { "failed" },
+                    b.last_check
+                ),
+                _ => "not checked yet".to_string(),
+            };
             row(
-                "backend",
+                "",
                 &format!(
-                    "{:<20} {:<22} {:<5} {}",
-                    b.lb, b.backend, b.state, b.last_check
+                    "{:<12} {:<22} {:<4} for {:<8} {last}",
+                    b.lb,
+                    b.backend,
+                    b.state,
+                    secs(b.for_ms)
                 ),
             );
         }
     }
     out
+}
+
+/// Milliseconds as a short human duration: `0.4 s`, `12 s`, `3 min`, `5 h`.
+fn secs(ms: u64) -> String {
+    match ms {
+        0..10_000 => format!("{:.1} s", ms as f64 / 1000.0),
+        10_000..120_000 => format!("{} s", ms / 1000),
+        120_000..7_200_000 => format!("{} min", ms / 60_000),
+        _ => format!("{} h", ms / 3_600_000),
+    }
 }
 
 #[cfg(test)]

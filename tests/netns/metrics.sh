@@ -4,7 +4,9 @@
 # namespace: sum(kube_vip_is_leader) is 1 and names the VIP holder; after a kill -9 of the
 # holder it moves to the new one. Also: each node's /metrics passes `promtool check metrics`,
 # /healthz and /readyz answer, and `kube-vip status` tells role, leader and VIP holder, refuses
-# non-root users and says clearly when no agent runs.
+# non-root users and says clearly when no agent runs. Backends: connections through the VIP
+# raise kube_vip_backend_connections_total, and a killed backend shows kube_vip_backend_up 0
+# in Prometheus and `down` in `kube-vip status` (table and JSON).
 source "$(dirname "$0")/../lib.sh"
 source "$ROOT/tests/cluster-lib.sh"
 for c in prometheus promtool curl setpriv; do
@@ -125,6 +127,56 @@ setpriv --reuid=65534 --regid=65534 --clear-groups "$KUBE_VIP" status -c "$WORK/
 check "status as a non-root user is refused ($(head -c 100 "$WORK/nobody.err"))" \
   bash -c "[ $rc -eq 1 ] && grep -q 'run kube-vip status as root' '$WORK/nobody.err'"
 check "the status socket is mode 0600" test "$(stat -c %a "$WORK/state1/kube-vip.sock")" = 600
+
+# ---------- backends: traffic and a dead one ----------
+# Every node checks the three backends (tcp checks by default), leader or not; the holder
+# proxies VIP:6443 to them. Then backend 3's process is killed: every node marks it down.
+HI="instance=\"${NODE_IP[$h]}:$PORT\""
+DEAD=10.88.0.23:6444
+check "Prometheus: kube_vip_backend_up is 1 for all 3 backends on all 3 nodes" \
+  wait_until 10 prom_is 'count(kube_vip_backend_up{lb="Kubernetes Control Plane"} == 1)' 9
+conns() { promq "sum(kube_vip_backend_connections_total{$HI})"; }
+before=$(conns)
+ok=0
+for _ in $(seq 30); do
+  nsx "$CLIENT" python3 "$SUPPORT/client.py" "$VIP" 6443 100 2 >/dev/null 2>&1 && ok=$((ok + 1))
+done
+echo "#   30 connections through the VIP: $ok answered; holder's connections_total before: ${before:-none}"
+check "Prometheus: 30 connections through the VIP raise the holder's kube_vip_backend_connections_total by 30" \
+  wait_until 5 prom_is "sum(kube_vip_backend_connections_total{$HI}) - ${before:-0}" 30
+check "Prometheus: the holder counted the bytes both ways (sent >= 3000, received > 0)" \
+  wait_until 5 prom_is "(sum(kube_vip_backend_sent_bytes_total{$HI}) >= bool 3000) * (sum(kube_vip_backend_received_bytes_total{$HI}) > bool 0)" 1
+check "Prometheus: no proxied connection is left open on the holder (active_connections 0)" \
+  wait_until 5 prom_is "sum(kube_vip_backend_active_connections{$HI})" 0
+check "Prometheus: health checks are timed on every node (check duration count > 0 for 9 series)" \
+  wait_until 5 prom_is 'count(kube_vip_backend_health_check_duration_seconds_count > 0)' 9
+dead_pid=""
+for p in $(ip netns pids "$BE"); do
+  if tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -q "backend.py backend3 "; then dead_pid=$p; fi
+done
+check "found backend 3's process in the backends' namespace" test -n "$dead_pid"
+[ -z "$dead_pid" ] || kill -9 "$dead_pid"
+check "Prometheus: kube_vip_backend_up{backend=\"$DEAD\"} is 0 on all 3 nodes" \
+  wait_until 10 prom_is "count(kube_vip_backend_up{backend=\"$DEAD\"} == 0)" 3
+check "Prometheus: the other backends stay up (6 series of kube_vip_backend_up 1)" \
+  prom_is 'count(kube_vip_backend_up == 1)' 6
+ip netns exec "${NODE_NS[$h]}" "$KUBE_VIP" status -c "$WORK/node$h.yaml" >"$WORK/status-dead.txt" 2>&1 || true
+sed 's/^/#   /' "$WORK/status-dead.txt"
+check "status on the holder: backends 2/3 up" grep -qE '^backends +2/3 up$' "$WORK/status-dead.txt"
+check "status on the holder: $DEAD down, its last check failed (connection refused)" \
+  grep -qE "$DEAD +down .*last check .* ago failed: .*[Rr]efused" "$WORK/status-dead.txt"
+check "status on the holder: 10.88.0.21:6444 up, its last check passed" \
+  grep -qE "10\.88\.0\.21:6444 +up .*last check .* ago passed" "$WORK/status-dead.txt"
+check "status -o json: $DEAD down with a failed last check, the others up" bash -c \
+  "ip netns exec '${NODE_NS[$f]}' '$KUBE_VIP' status -c '$WORK/node$f.yaml' -o json | python3 -c '
+import json, sys
+b = {x[\"backend\"]: x for x in json.load(sys.stdin)[\"backends\"]}
+d = b[\"$DEAD\"]
+sys.exit(not (len(b) == 3 and d[\"state\"] == \"down\" and d[\"last_check_ok\"] is False
+  and d[\"last_check_ago_ms\"] < 5000 and all(x[\"state\"] == \"up\" for k, x in b.items() if k != \"$DEAD\")))'"
+nsx "$PROM" curl -s --max-time 2 "$(node_url "$h" /metrics)" >"$WORK/metrics-backends.txt"
+check "the holder's /metrics with traffic and a dead backend: promtool check metrics finds no problem" \
+  bash -c "promtool check metrics <'$WORK/metrics-backends.txt' 2>&1 | tee '$WORK/lint-backends.txt' >&2; [ \${PIPESTATUS[0]} -eq 0 ] && [ ! -s '$WORK/lint-backends.txt' ]"
 
 # ---------- hostile clients on the endpoint ----------
 # 40 connections that never send a request from one client, and one that sends garbage: the
