@@ -334,6 +334,7 @@ impl Cluster {
 
         let contact = LeaderContact::new();
         let lease = Duration::from_millis(s.election_timeout_max_ms);
+        crate::metrics::get().leader_contact(contact.clone(), ready_window(lease));
         let server = tokio::spawn(transport::serve(
             listener,
             Arc::new(transport::Server {
@@ -583,4 +584,12 @@ impl Cluster {
         let _ = self.server.await;
         self.network.close();
     }
+}
+
+/// How long a follower may go without an accepted leader append and still report ready
+/// (`/readyz`): a healthy leader sends one every `heartbeatMs`, and the followers give it up
+/// after `lease`; four leases, at least 1 s, so that a slow heartbeat or a quick election does
+/// not flap readiness, while a follower cut off from the leader says so within about a second.
+fn ready_window(lease: Duration) -> Duration {
+    (lease * 4).max(Duration::from_secs(1))
 }

@@ -27,6 +27,7 @@ use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use crate::agent::Role;
+use crate::cluster::elections::LeaderContact;
 use crate::config::Config;
 use crate::shutdown::Shutdown;
 use log::warn;
@@ -230,6 +231,9 @@ struct State {
     elected_at: Option<Instant>,
     /// When the agent's loop was last seen.
     alive_at: Instant,
+    /// When this node last accepted a leader's append, and how long ago that may be for a
+    /// follower to count as following (clustered mode only).
+    contact: Option<(LeaderContact, Duration)>,
 }
 
 /// The process-wide metrics.
@@ -289,6 +293,7 @@ impl Metrics {
                 counted: None,
                 elected_at: None,
                 alive_at: Instant::now(),
+                contact: None,
             }),
             backends: Mutex::new(None),
         };
@@ -496,10 +501,31 @@ impl Metrics {
         if s.role.is_none() {
             return Err("the agent has not started yet".into());
         }
-        if !s.single_node && s.leader.is_none() {
+        if s.single_node {
+            return Ok(());
+        }
+        if s.leader.is_none() {
             return Err("no Raft leader known".into());
         }
-        Ok(())
+        match s.raft_role {
+            Role::Leader => Ok(()),
+            Role::Lapsed => Err("leader without a quorum acknowledgement: lease lapsed".into()),
+            // Raft keeps the last leader it knew while cut off; a follower only counts as
+            // following while that leader's appends still arrive.
+            Role::Follower => match &s.contact {
+                Some((c, window)) if c.age() > *window => Err(format!(
+                    "no message from the leader for {} ms",
+                    c.age().as_millis()
+                )),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Hook: where the cluster records accepted leader appends, and how long a follower may go
+    /// without one and still be ready.
+    pub fn leader_contact(&self, contact: LeaderContact, window: Duration) {
+        self.state().contact = Some((contact, window));
     }
 
     /// The metrics in the text format `Accept` asks for (see [`server::encode`]), with the peer
@@ -695,6 +721,24 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("kube_vip_vip_bound 1"), "{text}");
+    }
+
+    #[test]
+    fn a_follower_cut_off_from_its_leader_is_not_ready() {
+        let m = Metrics::new();
+        m.node(false, Some("a"), &[("b".into(), addr("10.0.0.2:1"))]);
+        m.agent_role(Role::Follower);
+        m.raft(3, Some(addr("10.0.0.2:1")), Role::Follower);
+        let contact = LeaderContact::new();
+        m.leader_contact(contact.clone(), Duration::from_millis(20));
+        assert!(m.ready().is_ok(), "just heard from the leader");
+        std::thread::sleep(Duration::from_millis(40));
+        let e = m.ready().unwrap_err();
+        assert!(e.contains("no message from the leader"), "{e}");
+        contact.touch();
+        assert!(m.ready().is_ok(), "heard again");
+        m.raft(4, Some(addr("10.0.0.1:1")), Role::Lapsed);
+        assert!(m.ready().unwrap_err().contains("lease lapsed"));
     }
 
     #[test]

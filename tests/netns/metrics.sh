@@ -9,9 +9,7 @@
 # in Prometheus and `down` in `kube-vip status` (table and JSON).
 source "$(dirname "$0")/../lib.sh"
 source "$ROOT/tests/cluster-lib.sh"
-for c in prometheus promtool curl setpriv; do
-  command -v "$c" >/dev/null || { echo "$c missing (scripts/deps test)"; exit 1; }
-done
+need ip iptables prometheus promtool curl setpriv python3
 
 PORT=2112
 make_cluster_net
@@ -201,6 +199,22 @@ check "40 idle connections from one client: another client's /healthz answers 20
 check "40 idle connections: the holder keeps the VIP" holder_is "$h"
 wait "$HOSTILE" 2>/dev/null || true
 check "after the hostile clients: /metrics answers at once" code_is "$h" /metrics 200
+
+# ---------- a follower cut off from the leader: alive, not ready ----------
+# Raft keeps the last leader it knew while cut off; /readyz must not: it needs the leader's
+# appends to keep arriving.
+f=$(( h % 3 + 1 ))
+raft_port() { local dir; for dir in --dport --sport; do nsx "${NODE_NS[$f]}" iptables "$1" "$2" -p tcp "$dir" 10000 -j DROP; done; }
+body_has() { nsx "$PROM" curl -s --max-time 2 "$(node_url "$1" "$2")" | has "$3"; } # body_has I PATH PATTERN
+raft_port -A INPUT; raft_port -A OUTPUT
+check "node $f cut off from its peers: /readyz says 'no message from the leader'" \
+  wait_until 5 body_has "$f" /readyz 'no message from the leader'
+check "node $f cut off: /readyz is 503" code_is "$f" /readyz 503
+check "node $f cut off: /healthz still 200 (liveness never depends on the leader)" code_is "$f" /healthz 200
+raft_port -D INPUT; raft_port -D OUTPUT
+check "node $f healed: /readyz 200 again" wait_until 5 code_is "$f" /readyz 200
+check "the cut and the heal left one holder" wait_until 5 one_holder
+h=$(holders)
 
 # ---------- kill -9 of the holder ----------
 old=$h
