@@ -14,6 +14,9 @@ import socket
 import struct
 import sys
 
+# One reader of length-prefixed frames, shared with the rogue peer.
+from rogue_peer import read_raw as read_frame
+
 
 def streams(path, port):
     data = open(path, "rb").read()
@@ -45,23 +48,6 @@ def streams(path, port):
     for key in order:
         segs = out[key]
         yield key[0], key[2], b"".join(segs[s] for s in sorted(segs))
-
-
-def read_frame(sock):
-    def exact(n):
-        buf = b""
-        while len(buf) < n:
-            chunk = sock.recv(n - len(buf))
-            if not chunk:
-                return None
-            buf += chunk
-        return buf
-
-    head = exact(4)
-    if head is None:
-        return None
-    body = exact(struct.unpack(">I", head)[0])
-    return body
 
 
 def main():
