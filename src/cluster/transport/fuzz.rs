@@ -8,9 +8,8 @@ use super::codec::{
     decode_payload, encode_frame, read_frame, Frame, FrameError, Request, Response,
 };
 use super::handshake::{server_hello, Refused};
-use super::PeerMap;
+use super::test_peers as peers;
 use crate::cluster::auth::{FrameMac, KeyRing, Transcript, NONCE_BYTES};
-use crate::cluster::types::PeerInfo;
 
 /// Cases per property: enough to find shallow bugs in `cargo test`, cheap enough to run there.
 const CASES: u32 = 64;
@@ -24,26 +23,6 @@ fn rt() -> tokio::runtime::Runtime {
 
 fn keys() -> KeyRing {
     KeyRing::parse(&"ab".repeat(32), std::path::Path::new("k")).expect("keys")
-}
-
-fn peers() -> PeerMap {
-    [
-        (
-            1,
-            PeerInfo {
-                id: "a".into(),
-                addr: "127.0.0.1:1".parse().unwrap(),
-            },
-        ),
-        (
-            2,
-            PeerInfo {
-                id: "b".into(),
-                addr: "127.0.0.2:1".parse().unwrap(),
-            },
-        ),
-    ]
-    .into()
 }
 
 /// Some valid frames to mutate: the decoder must survive near-misses, not only noise.

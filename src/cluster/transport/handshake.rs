@@ -436,34 +436,14 @@ where
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_peers as peers;
     use super::*;
-    use crate::cluster::types::PeerInfo;
 
     const K1: &str = "0101010101010101010101010101010101010101010101010101010101010101";
     const K2: &str = "0202020202020202020202020202020202020202020202020202020202020202";
 
     fn ring(text: &str) -> KeyRing {
         KeyRing::parse(text, std::path::Path::new("k")).expect("keys")
-    }
-
-    fn peers() -> PeerMap {
-        [
-            (
-                1,
-                PeerInfo {
-                    id: "a".into(),
-                    addr: "127.0.0.1:1".parse().unwrap(),
-                },
-            ),
-            (
-                2,
-                PeerInfo {
-                    id: "b".into(),
-                    addr: "127.0.0.2:1".parse().unwrap(),
-                },
-            ),
-        ]
-        .into()
     }
 
     /// Runs both sides over an in-memory pipe: dialer 1 from 127.0.0.1, listener 2.

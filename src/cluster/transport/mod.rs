@@ -40,3 +40,15 @@ impl fmt::Display for PeerName<'_> {
         write!(f, "{} ({})", self.0.id, self.0.addr)
     }
 }
+
+/// Two peers for the handshake and decoder tests: node 1 "a" at 127.0.0.1:1, node 2 "b" at
+/// 127.0.0.2:1.
+#[cfg(test)]
+fn test_peers() -> PeerMap {
+    use crate::cluster::types::PeerInfo;
+    let peer = |id: &str, addr: &str| PeerInfo {
+        id: id.into(),
+        addr: addr.parse().expect("addr"),
+    };
+    [(1, peer("a", "127.0.0.1:1")), (2, peer("b", "127.0.0.2:1"))].into()
+}
