@@ -232,6 +232,7 @@ pub fn sample_config(a: &SampleConfigArgs) -> Config {
             on_marked_down: None,
             balance: None,
             max_connections: None,
+            first_byte_timeout_ms: None,
         }],
         arp_burst_count: None,
         arp_refresh_seconds: None,

@@ -60,6 +60,12 @@ pub const DEFAULT_HEALTH_FALL: u32 = 2;
 pub const DEFAULT_HEALTH_RISE: u32 = 3;
 /// Health check path for `http`/`https` checks: what kube-apiserver offers without credentials.
 pub const DEFAULT_HEALTH_PATH: &str = "/readyz";
+/// `tcp` load balancers: how long a backend may stay silent after a client's first bytes before
+/// the connection counts as failed (passive detection of a backend that accepts but never
+/// answers: a TLS server sends its ServerHello within milliseconds). Longer than the active
+/// checks' timeout, so a backend that is only slow is caught by those first; shorter than
+/// client-go's 10 s TLS handshake timeout, so a client closed here retries within its own.
+pub const DEFAULT_FIRST_BYTE_TIMEOUT_MS: u64 = 2000;
 /// Most proxied connections per load balancer at once. A control plane of 5000 nodes holds about
 /// two connections per node; beyond the limit new clients wait in the listen backlog.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
@@ -302,6 +308,10 @@ pub struct LoadBalancer {
     /// Most proxied connections at once (default [`DEFAULT_MAX_CONNECTIONS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
+    /// `tcp`: ms a backend may stay silent after the client's first bytes, 0 = no limit
+    /// (default [`DEFAULT_FIRST_BYTE_TIMEOUT_MS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_byte_timeout_ms: Option<u64>,
 }
 
 impl LoadBalancer {
@@ -333,6 +343,11 @@ impl LoadBalancer {
     /// `maxConnections` with its default applied.
     pub fn max_connections(&self) -> u32 {
         self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS)
+    }
+    /// `firstByteTimeoutMs` with its default applied (0 = off).
+    pub fn first_byte_timeout_ms(&self) -> u64 {
+        self.first_byte_timeout_ms
+            .unwrap_or(DEFAULT_FIRST_BYTE_TIMEOUT_MS)
     }
 }
 
@@ -517,6 +532,9 @@ impl Config {
             lb.on_marked_down = Some(lb.on_marked_down());
             lb.balance = Some(lb.balance());
             lb.max_connections = Some(lb.max_connections());
+            if lb.kind == LbType::Tcp {
+                lb.first_byte_timeout_ms = Some(lb.first_byte_timeout_ms());
+            }
         }
         c
     }
@@ -664,6 +682,11 @@ impl Config {
             }
             if lb.max_connections == Some(0) {
                 p.push(format!("{field}.maxConnections: must be greater than 0"));
+            }
+            if lb.kind != LbType::Tcp && lb.first_byte_timeout_ms.is_some() {
+                p.push(format!(
+                    "{field}.firstByteTimeoutMs: only for type tcp (the http proxy has its own request timeout)"
+                ));
             }
             if let Some(hc) = &lb.health_check {
                 health_check_problems(&mut p, &field, hc);

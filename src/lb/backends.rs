@@ -38,18 +38,33 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Opens backend connections: TCP_NODELAY, keepalive and `TCP_USER_TIMEOUT` set, under a
-/// connect timeout.
+/// Opens backend connections with TCP_NODELAY set, under a connect timeout.
 #[derive(Debug, Clone, Copy)]
 pub struct Connector {
     /// Limit for one connect attempt.
     pub timeout: Duration,
 }
 
+/// Whether a new backend socket gets keepalive and `TCP_USER_TIMEOUT` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timeouts {
+    /// Set them before connecting (pooled `http` connections: they idle between requests).
+    Now,
+    /// Leave them to the caller: the `tcp` proxy sets them once a connection has lived a
+    /// second (see `tcp::SETTLE`), which spares five syscalls for every short connection;
+    /// health checks never need them.
+    Later,
+}
+
 impl Connector {
-    /// Connects to `addr` within the timeout.
+    /// Connects to `addr` within the timeout, without keepalive (health checks).
     pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
-        match timeout(self.timeout, connect_nodelay(addr)).await {
+        self.connect_with(addr, Timeouts::Later).await
+    }
+
+    /// Connects to `addr` within the timeout.
+    pub async fn connect_with(&self, addr: SocketAddr, t: Timeouts) -> io::Result<TcpStream> {
+        match timeout(self.timeout, connect_nodelay(addr, t)).await {
             Ok(r) => r,
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -102,6 +117,8 @@ pub struct Backends {
     checked: bool,
     /// Backends up now, to log "all down" and its end once each.
     up_count: AtomicUsize,
+    /// `tcp`: how long a backend may stay silent after a client's first bytes (None = no limit).
+    first_byte: Option<Duration>,
 }
 
 /// No backend accepted the connection.
@@ -193,6 +210,10 @@ impl Backends {
             balance: lb.balance(),
             close_on_down: lb.on_marked_down() == OnMarkedDown::Close,
             checked,
+            first_byte: match lb.first_byte_timeout_ms() {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
         }
     }
 
@@ -331,9 +352,15 @@ impl Backends {
         order
     }
 
-    /// Connects to the first backend that accepts, in [`Backends::order`].
+    /// Connects to the first backend that accepts, in [`Backends::order`]; keepalive and
+    /// `TCP_USER_TIMEOUT` are left to the caller (see [`Timeouts::Later`]).
     pub async fn connect(self: &Arc<Self>) -> Result<(TcpStream, Lease), AllFailed> {
-        self.connect_in(self.order()).await
+        self.connect_in(self.order(), Timeouts::Later).await
+    }
+
+    /// `firstByteTimeoutMs` (None = no limit).
+    pub fn first_byte_timeout(&self) -> Option<Duration> {
+        self.first_byte
     }
 
     /// The metrics of backend `i`.
@@ -350,6 +377,7 @@ impl Backends {
     pub async fn connect_in(
         self: &Arc<Self>,
         order: Vec<usize>,
+        timeouts: Timeouts,
     ) -> Result<(TcpStream, Lease), AllFailed> {
         let mut last = None;
         for &i in &order {
@@ -364,7 +392,7 @@ impl Backends {
                 close_on_down: self.close_on_down,
             };
             let started = Instant::now();
-            match self.connector.connect(b.addr).await {
+            match self.connector.connect_with(b.addr, timeouts).await {
                 Ok(stream) => {
                     b.cooldown_until.store(0, Ordering::Relaxed);
                     b.metrics.conn_connected();
@@ -372,31 +400,12 @@ impl Backends {
                 }
                 Err(e) => {
                     drop(lease);
-                    b.metrics.connect_failed();
-                    let was_cool = b.cooldown_until.load(Ordering::Relaxed) <= self.now_ms();
-                    b.cooldown_until.store(
-                        self.now_ms() + self.cooldown.as_millis() as u64,
-                        Ordering::Relaxed,
+                    self.failed(
+                        i,
+                        format_args!("proxied connect: {e}"),
+                        "trying the next one",
+                        started,
                     );
-                    if was_cool {
-                        warn!(
-                            "[{}] backend {} failed: {e}; trying the next one",
-                            self.name, b.addr
-                        );
-                    } else {
-                        debug!("[{}] backend {} still failing: {e}", self.name, b.addr);
-                    }
-                    if self.checked {
-                        self.record(
-                            i,
-                            Outcome {
-                                ok: false,
-                                detail: format!("proxied connect: {e}"),
-                                at: Instant::now(),
-                                took: started.elapsed(),
-                            },
-                        );
-                    }
                     last = Some((b.addr, e));
                 }
             }
@@ -414,17 +423,48 @@ impl Backends {
         })
     }
 
+    /// Passive detection: a proxied connection to backend `i` failed (`what`), `started` at
+    /// that instant. The backend cools down, the failure counts in
+    /// `kube_vip_backend_connect_failures_total`, and with active checks it counts towards
+    /// `fall` as a failed check would. Logged once per cooldown, with `then` saying what
+    /// happens to the client.
+    pub fn failed(&self, i: usize, what: std::fmt::Arguments<'_>, then: &str, started: Instant) {
+        let b = &self.backends[i];
+        b.metrics.connect_failed();
+        let now = self.now_ms();
+        let was_cool = b.cooldown_until.load(Ordering::Relaxed) <= now;
+        b.cooldown_until
+            .store(now + self.cooldown.as_millis() as u64, Ordering::Relaxed);
+        if was_cool {
+            warn!("[{}] backend {} failed: {what}; {then}", self.name, b.addr);
+        } else {
+            debug!("[{}] backend {} still failing: {what}", self.name, b.addr);
+        }
+        if self.checked {
+            self.record(
+                i,
+                Outcome {
+                    ok: false,
+                    detail: what.to_string(),
+                    at: Instant::now(),
+                    took: started.elapsed(),
+                },
+            );
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         // +1 so that a stored 0 always means "not cooling", even in the first millisecond.
         self.epoch.elapsed().as_millis() as u64 + 1
     }
 }
 
-/// Connects to `addr` with TCP_NODELAY, keepalive and `TCP_USER_TIMEOUT` set. What `TcpSocket::connect` does, less its
+/// Connects to `addr` with TCP_NODELAY set, and keepalive and `TCP_USER_TIMEOUT` if `t` says
+/// so. What `TcpSocket::connect` does, less its
 /// getsockopt(SO_ERROR) once the handshake is over: the readiness that ends the wait already
 /// tells a failed connect (EPOLLERR or EPOLLHUP) from a good one, so the error is fetched only
 /// for a failure. One syscall fewer on every proxied connection.
-async fn connect_nodelay(addr: SocketAddr) -> io::Result<TcpStream> {
+async fn connect_nodelay(addr: SocketAddr, t: Timeouts) -> io::Result<TcpStream> {
     let family = if addr.is_ipv4() {
         AddressFamily::Inet
     } else {
@@ -437,7 +477,9 @@ async fn connect_nodelay(addr: SocketAddr) -> io::Result<TcpStream> {
         None,
     )?;
     socket::setsockopt(&fd, sockopt::TcpNoDelay, &true)?;
-    super::limits::set_tcp_timeouts(&fd)?;
+    if t == Timeouts::Now {
+        super::limits::set_tcp_timeouts(&fd)?;
+    }
     match socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
         Ok(()) | Err(Errno::EINPROGRESS) => {}
         Err(e) => return Err(e.into()),
@@ -476,6 +518,7 @@ mod tests {
             on_marked_down: None,
             balance: Some(balance),
             max_connections: None,
+            first_byte_timeout_ms: None,
         }
     }
 

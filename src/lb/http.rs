@@ -34,7 +34,7 @@ use crate::metrics::BackendMetrics;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::backends::Backends;
+use super::backends::{Backends, Timeouts};
 use super::Admission;
 use crate::shutdown::Shutdown;
 
@@ -168,7 +168,7 @@ async fn forward(
             }
         }
     }
-    let (stream, mut lease) = match backends.connect_in(order).await {
+    let (stream, mut lease) = match backends.connect_in(order, Timeouts::Now).await {
         Ok(s) => s,
         Err(e) => {
             warn!("http request from {peer}: {e}");
@@ -408,6 +408,7 @@ mod tests {
             on_marked_down: None,
             balance: None,
             max_connections: None,
+            first_byte_timeout_ms: None,
         };
         let pools = crate::lb::Pools::start(std::slice::from_ref(&config));
         let addr = SocketAddr::from(([127, 0, 0, 1], port));

@@ -387,6 +387,7 @@ mod tests {
             on_marked_down: None,
             balance: None,
             max_connections: Some(1),
+            first_byte_timeout_ms: None,
         };
         let pools = Pools::start(std::slice::from_ref(&config));
         let addr = SocketAddr::from(([127, 0, 0, 1], port));

@@ -19,14 +19,16 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use log::{debug, warn};
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
-use nix::sys::socket::{shutdown, Shutdown as How};
-use nix::unistd::{pipe2, read, write};
+use nix::sys::socket::{recv, shutdown, MsgFlags, Shutdown as How};
+use nix::unistd::{pipe2, write};
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -39,6 +41,13 @@ use crate::shutdown::Shutdown;
 /// direction to splice. Around 16 KiB two copies and two splices cost about the same; one TLS
 /// record (the unit of most API traffic) fits.
 pub const SMALL_READ: usize = 16 * 1024;
+
+/// How long a proxied connection lives before keepalive and `TCP_USER_TIMEOUT` are set on its
+/// backend socket (the client's socket has them from the listener). Both only matter after
+/// tens of seconds (keepalive's first probe comes after 30 s idle, the user timeout is 30 s),
+/// so setting them a second late changes nothing, and the short connections that make up a
+/// connection flood end before and never pay the five syscalls.
+pub const SETTLE: Duration = Duration::from_secs(1);
 
 /// Most bytes asked of one splice into a pipe; the kernel stops at what the pipe holds
 /// (64 KiB by default), so this only says "as much as fits".
@@ -58,15 +67,17 @@ pub async fn serve(
 }
 
 /// Proxies one client. TCP_NODELAY, keepalive and `TCP_USER_TIMEOUT` are already set: accepted
-/// sockets inherit them from the listener (see `lb::listen`). Ends early, closing both sides,
-/// when the backend is marked down (with `onMarkedDown: close`), so the client reconnects to a
-/// healthy one.
+/// sockets inherit them from the listener (see `lb::listen`); the backend socket gets the last
+/// two after [`SETTLE`]. Ends early, closing both sides, when the backend is marked down (with
+/// `onMarkedDown: close`), so the client reconnects to a healthy one, or when the backend sends
+/// nothing within `firstByteTimeoutMs` of the client's first bytes (see [`guard`]).
 async fn proxy(
     client: TcpStream,
     peer: SocketAddr,
     backends: Arc<Backends>,
     _admission: Admission,
 ) {
+    let connecting = Instant::now();
     let (server, mut lease) = match backends.connect().await {
         Ok(s) => s,
         Err(e) => {
@@ -79,6 +90,7 @@ async fn proxy(
     debug!("{peer} -> {backend}");
     // An atomic only because the future must be Send; both directions run in this one task.
     let one_done = AtomicBool::new(false);
+    let first = FirstBytes::default();
     // Bytes moved each way, counted by each direction as it goes and reported when this
     // function ends in any way (an error, a down mark, or the listener aborting it).
     let mut moved = Moved {
@@ -88,8 +100,8 @@ async fn proxy(
     };
     let both = async {
         tokio::try_join!(
-            pump(&client, &server, &one_done, &mut moved.up),
-            pump(&server, &client, &one_done, &mut moved.down)
+            pump(&client, &server, &one_done, &mut moved.up, &first.client),
+            pump(&server, &client, &one_done, &mut moved.down, &first.backend)
         )
     };
     tokio::select! {
@@ -101,11 +113,75 @@ async fn proxy(
         _ = lease.marked_down() => {
             debug!("{peer} -> {backend}: backend marked down, closing");
         }
+        silent = guard(&server, &first, backends.first_byte_timeout()) => {
+            // Closing tells the client to retry; the backend cools down, so the retry goes
+            // elsewhere.
+            backends.failed(
+                lease.index(),
+                format_args!(
+                    "no answer {} ms after a client's first bytes (firstByteTimeoutMs)",
+                    silent.as_millis()
+                ),
+                "closing that client, new ones go elsewhere",
+                connecting,
+            );
+        }
     }
     debug!(
         "{peer} -> {backend}: {} bytes up, {} down",
         moved.up, moved.down
     );
+}
+
+/// When each side of a connection first sent something, for [`guard`].
+#[derive(Default)]
+struct FirstBytes {
+    /// When the client's first bytes were read.
+    client: OnceLock<Instant>,
+    /// When the backend's first bytes were read.
+    backend: OnceLock<Instant>,
+}
+
+/// Watches one connection from its connect on, and completes only if the backend sent nothing
+/// for `bound` after the client's first bytes (returning how long that is): passive
+/// detection of a backend that accepts connections but never answers (a hung process whose
+/// kernel still completes handshakes; `tcp` checks pass it). Only the FIRST byte counts: once
+/// the backend has said anything, silence is legitimate (a watch may stay quiet for minutes,
+/// and a client's HTTP/2 WINDOW_UPDATE needs no answer), and a client that has sent nothing
+/// is owed nothing. Also sets keepalive and `TCP_USER_TIMEOUT` on the backend socket once
+/// the connection has lived [`SETTLE`]. Costs one timer per connection, cancelled when the
+/// connection ends; nothing per byte.
+async fn guard(server: &TcpStream, first: &FirstBytes, bound: Option<Duration>) -> Duration {
+    let settled = Instant::now() + SETTLE;
+    let mut timeouts_set = false;
+    loop {
+        let now = Instant::now();
+        if !timeouts_set && now >= settled {
+            if let Err(e) = limits::set_tcp_timeouts(server) {
+                debug!("cannot set keepalive on a backend socket: {e}");
+            }
+            timeouts_set = true;
+        }
+        let silence_ends = match (bound, first.backend.get(), first.client.get()) {
+            (Some(bound), None, Some(&sent)) => {
+                let silent = now.saturating_duration_since(sent);
+                if silent >= bound {
+                    return silent;
+                }
+                Some(sent + bound)
+            }
+            // The client has said nothing yet: look again a bound from now.
+            (Some(bound), None, None) => Some(now + bound),
+            _ => None,
+        };
+        let wake = match (timeouts_set, silence_ends) {
+            (true, None) => return std::future::pending().await,
+            (true, Some(t)) => t,
+            (false, None) => settled,
+            (false, Some(t)) => t.min(settled),
+        };
+        tokio::time::sleep_until(wake).await;
+    }
 }
 
 /// Bytes one connection moved, added to its backend's counters when dropped.
@@ -175,8 +251,8 @@ struct Read {
 }
 
 /// Moves everything `src` sends to `dst` until `src` ends its side, then shuts down `dst`'s
-/// write half (the other direction is left alone). Adds the bytes moved to `total` as they are
-/// sent (what recv, send and splice return; nothing per byte). `one_done` is shared
+/// write half (the other direction is left alone). Notes in `first` when `src` first sent
+/// something. Adds the bytes moved to `total` as they are sent (what recv, send and splice return; nothing per byte). `one_done` is shared
 /// by the two directions of a connection: the direction that ends second skips the shutdown,
 /// since both sockets are closed right after, and a close sends the FIN just the same (the
 /// socket holds no unread data: the other direction has read it to its end).
@@ -190,6 +266,7 @@ async fn pump(
     dst: &TcpStream,
     one_done: &AtomicBool,
     total: &mut u64,
+    first: &OnceLock<Instant>,
 ) -> io::Result<()> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut pipe: Option<Pipe> = None;
@@ -219,6 +296,9 @@ async fn pump(
         };
         if r.read == 0 {
             break; // EOF from src
+        }
+        if first.get().is_none() {
+            let _ = first.set(Instant::now());
         }
         *total += (r.read - r.parked - r.spill.len()) as u64;
         bulk = r.read >= SMALL_READ;
@@ -287,7 +367,7 @@ fn relay_small_in(
 ) -> io::Result<Read> {
     let mut got = 0;
     let n = match src.try_io(Interest::READABLE, || {
-        got = read(src, &mut *buf)?;
+        got = recv(src.as_raw_fd(), &mut *buf, MsgFlags::empty())?;
         // A read that did not fill the buffer emptied the socket: saying WouldBlock here makes
         // tokio drop the readiness (unless an event came in meanwhile), which saves the read
         // that would only return EAGAIN. tokio's own AsyncRead does the same.
@@ -447,6 +527,7 @@ mod tests {
             on_marked_down: None,
             balance: None,
             max_connections: None,
+            first_byte_timeout_ms: None,
         }
     }
 
@@ -592,6 +673,77 @@ mod tests {
         while let Some(r) = clients.join_next().await {
             r.expect("client");
         }
+        lb.stop().await;
+    }
+
+    /// Passive detection: a backend that accepts but never answers the client's first bytes
+    /// loses the connection after `firstByteTimeoutMs` and counts a failure; one that answered
+    /// once may then stay silent (a watch) for as long as it likes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn silent_backend_is_cut_after_first_byte_timeout() {
+        use crate::metrics::backend_sample;
+        let backend = backend_listener();
+        let backend_addr = backend.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            let mut n = 0;
+            while let Ok((mut s, _)) = backend.accept().await {
+                n += 1;
+                if n == 1 {
+                    // First connection: never answers.
+                    held.push(s);
+                    continue;
+                }
+                // Others: answer once, then read and stay silent (a watch).
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(b"hello").await;
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut config = tcp_lb(addr.port(), backend_addr);
+        config.name = "silent".into();
+        config.first_byte_timeout_ms = Some(300);
+        let pools = crate::lb::Pools::start(std::slice::from_ref(&config));
+        let lb = pools.start_lb(&config, addr).await.expect("start");
+
+        let started = tokio::time::Instant::now();
+        let mut mute = TcpStream::connect(addr).await.expect("connect");
+        mute.write_all(b"ClientHello").await.expect("write");
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), mute.read(&mut buf))
+            .await
+            .expect("closed within 5 s");
+        assert!(matches!(n, Ok(0) | Err(_)), "got an answer: {n:?}");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(290) && took < Duration::from_secs(2),
+            "closed after {took:?}, want about 300 ms"
+        );
+        let failures = backend_sample("backend_connect_failures_total", "silent", backend_addr);
+        assert_eq!(failures, Some(1.0));
+
+        // Answered once, then silent for far longer than the bound: kept open.
+        let mut watch = TcpStream::connect(addr).await.expect("connect");
+        watch.write_all(b"GET /watch").await.expect("write");
+        let n = watch.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], b"hello");
+        watch.write_all(b"window update").await.expect("write");
+        let quiet = tokio::time::timeout(Duration::from_millis(1200), watch.read(&mut buf)).await;
+        assert!(quiet.is_err(), "watch ended: {quiet:?}");
+        // A client that has sent nothing is owed nothing: kept open too.
+        let mut idle = TcpStream::connect(addr).await.expect("connect");
+        let quiet = tokio::time::timeout(Duration::from_millis(800), idle.read(&mut buf)).await;
+        assert!(quiet.is_err(), "idle client closed: {quiet:?}");
+        let failures = backend_sample("backend_connect_failures_total", "silent", backend_addr);
+        assert_eq!(failures, Some(1.0));
         lb.stop().await;
     }
 
