@@ -133,6 +133,19 @@ impl Peer {
     }
 }
 
+/// How a config value of an enum (`tcp`, `leastconn`, ...) is spelled in the file, for log
+/// lines: the operator greps for what they wrote, not for Rust's `Tcp`.
+pub fn spelling<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|j| j.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Ports kube-apiserver listens on in the guides (6443; 6444 behind a load balancer on the same
+/// node), for `check`'s warning about `tcp` checks.
+const API_SERVER_PORTS: [u16; 2] = [6443, 6444];
+
 /// Kind of proxy a load balancer runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -537,6 +550,31 @@ impl Config {
             }
         }
         c
+    }
+
+    /// Warnings about load balancers, for `check`: `tcp` checks of a backend on an API server
+    /// port (6443, 6444), which kube-apiserver logs as a TLS handshake error each time.
+    pub fn lb_warnings(&self) -> Vec<String> {
+        let nodes = 1 + self.remote_peers.len() as u64;
+        self.load_balancers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, lb)| {
+                let hc = lb.health_check();
+                let port = lb
+                    .backends
+                    .iter()
+                    .map(|b| b.port.0)
+                    .find(|p| API_SERVER_PORTS.contains(p))?;
+                (hc.kind == HealthCheckType::Tcp).then(|| {
+                    let per_s = nodes as f64 * 1000.0 / hc.interval_ms().max(1) as f64;
+                    format!(
+                        "loadBalancers[{i}] ({:?}): tcp health checks of port {port} (an API server's?) connect without TLS; kube-apiserver logs each as \"TLS handshake error ... EOF\", about {per_s:.0} lines/s per API server from {nodes} node(s). Use healthCheck: {{type: https, path: /readyz}}",
+                        lb.name
+                    )
+                })
+            })
+            .collect()
     }
 
     /// A warning about `peerKeyFile` (e.g. readable by others), for `check`.
@@ -1026,6 +1064,34 @@ mod tests {
         format!(
             "vip: 10.0.0.75\ninterface: eth0\nsingleNode: true\nloadBalancers:\n- name: api\n  type: tcp\n  port: 6443\n  backends:\n  - {{address: 10.0.0.70, port: 6444}}\n{extra}"
         )
+    }
+
+    #[test]
+    fn tcp_checks_of_an_api_server_port_are_warned_about() {
+        let w = parse(&with_lb("")).expect("parse").lb_warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("port 6444") && w[0].contains("about 5 lines/s"),
+            "{w:?}"
+        );
+        let https = parse(&with_lb("  healthCheck: {type: https, path: /readyz}\n"));
+        assert!(https.expect("parse").lb_warnings().is_empty());
+        let other = with_lb("").replace("port: 6444", "port: 8080");
+        assert!(parse(&other).expect("parse").lb_warnings().is_empty());
+    }
+
+    #[test]
+    fn first_byte_timeout_is_for_tcp_only() {
+        let c = parse(&with_lb("  firstByteTimeoutMs: 0\n")).expect("parse");
+        assert_eq!(c.load_balancers[0].first_byte_timeout_ms(), 0);
+        let c = parse(&with_lb("")).expect("parse");
+        assert_eq!(
+            c.effective().load_balancers[0].first_byte_timeout_ms,
+            Some(DEFAULT_FIRST_BYTE_TIMEOUT_MS)
+        );
+        let http = with_lb("  firstByteTimeoutMs: 500\n").replace("type: tcp", "type: http");
+        let e = parse(&http).expect_err("http with firstByteTimeoutMs");
+        assert!(e.contains("firstByteTimeoutMs: only for type tcp"), "{e}");
     }
 
     #[test]
