@@ -291,7 +291,9 @@ impl Backends {
         b.metrics.set_up(up);
         let total = self.backends.len();
         if up {
-            b.cooldown_until.store(0, Ordering::Relaxed);
+            // A cooldown still running is left to run out: checks that pass (a `tcp` connect
+            // to a hung process) do not refute a proxied connection that just failed, and
+            // clearing it here made such a backend flap DOWN/UP with every burst of clients.
             info!(
                 "[{}] backend {} UP: {detail} ({streak} in a row; down for {:.1} s)",
                 self.name,
@@ -394,7 +396,8 @@ impl Backends {
             let started = Instant::now();
             match self.connector.connect_with(b.addr, timeouts).await {
                 Ok(stream) => {
-                    b.cooldown_until.store(0, Ordering::Relaxed);
+                    // No cooldown is cleared here: a connect proves little after a client got
+                    // no answer (firstByteTimeoutMs), and the cooldown runs out by itself.
                     b.metrics.conn_connected();
                     return Ok((stream, lease));
                 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Stand-in kube-apiserver for health tests: HTTPS on ADDRESS:PORT with CERT/KEY.
 
-Usage: readyz_backend.py NAME ADDRESS PORT CERT KEY STATE_FILE
+Usage: readyz_backend.py NAME ADDRESS PORT CERT KEY STATE_FILE    (ADDRESS: IPv4 or IPv6)
 
 STATE_FILE holds "ready" or "unready" (missing: ready) and is read on every request, so a test
 can flip the backend's state without restarting it:
@@ -69,6 +69,8 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 1024
 
     def __init__(self, name, addr, cert, key, state_file):
+        if ":" in addr[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(addr, Handler)
         self.name = name
         self.state_file = state_file
