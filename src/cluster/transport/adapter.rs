@@ -21,18 +21,19 @@ use openraft::raft::{
 use openraft::{Snapshot, Vote};
 use tokio::sync::watch;
 
-use super::client::{CallError, HedgedClient, PeerClient};
+use super::client::{CallError, HedgedClient, PeerClient, RPC_TIMEOUT};
 use super::codec::{clip, Request, Response};
-use super::{lock, PeerMap, PeerName};
+use super::{lock, PeerName, Peers};
 use crate::cluster::auth::SharedKeys;
 use crate::cluster::bounds::{Ours, OutOfBounds};
+use crate::cluster::membership::{Change, ChangeError};
 use crate::cluster::types::{Metrics, Node, NodeId, TypeConfig};
 
 struct NetInner {
     me: NodeId,
     /// Source address for outgoing connections (our own Raft listener's IP).
     local_ip: IpAddr,
-    peers: Arc<PeerMap>,
+    peers: Arc<Peers>,
     /// Sleep after an `Unreachable` error before openraft retries that peer.
     backoff: Duration,
     clients: Mutex<HashMap<NodeId, HedgedClient>>,
@@ -64,7 +65,7 @@ impl Network {
     pub fn new(
         me: NodeId,
         local_ip: IpAddr,
-        peers: Arc<PeerMap>,
+        peers: Arc<Peers>,
         backoff: Duration,
         keys: Option<Arc<SharedKeys>>,
     ) -> Network {
@@ -86,12 +87,12 @@ impl Network {
         let _ = self.inner.metrics.set(metrics);
     }
 
-    /// The shared client for `target`, if it is a configured peer.
+    /// The shared client for `target`, if it is a known peer ([`Peers`]).
     ///
-    /// Addresses come from the local configuration, not from the membership
-    /// stored in the log (see [`Node`]).
+    /// Addresses come from the local configuration where it names the peer, else from the
+    /// membership (see [`Node`]).
     pub fn client(&self, target: NodeId) -> Option<HedgedClient> {
-        let peer = self.inner.peers.get(&target)?;
+        let peer = self.inner.peers.get(target)?;
         let mut clients = lock(&self.inner.clients);
         let c = clients.entry(target).or_insert_with(|| {
             let lane = || {
@@ -101,6 +102,7 @@ impl Network {
                     target,
                     peer.clone(),
                     self.inner.keys.clone(),
+                    RPC_TIMEOUT,
                 )
             };
             HedgedClient {
@@ -136,6 +138,37 @@ impl Network {
         }
     }
 
+    /// Forwards a membership change to `target` (the leader) on a connection of its own (a
+    /// change may take seconds, and must neither hold up heartbeats nor be hedged: it is not
+    /// idempotent); waits at most `limit`.
+    pub async fn send_members(
+        &self,
+        target: NodeId,
+        change: Change,
+        limit: Duration,
+    ) -> Result<Result<String, ChangeError>, String> {
+        let peer = self
+            .inner
+            .peers
+            .get(target)
+            .ok_or_else(|| format!("node {target:#x} is not a known peer"))?;
+        let client = PeerClient::spawn(
+            self.inner.me,
+            self.inner.local_ip,
+            target,
+            peer,
+            self.inner.keys.clone(),
+            limit,
+        );
+        match tokio::time::timeout(limit, client.call(Request::Members(change))).await {
+            Err(_) => Err(format!("no answer within {limit:?}")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(Response::Members(r))) => Ok(r),
+            Ok(Ok(Response::Error(e))) => Err(clip(&e)),
+            Ok(Ok(other)) => Err(format!("unexpected answer {}", other.kind())),
+        }
+    }
+
     /// Asks `target` whether it would vote for us now ([`Request::PreVote`]); no answer
     /// within `limit`, or any error, counts as no.
     pub async fn send_pre_vote(
@@ -163,14 +196,16 @@ impl Network {
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConnection;
 
-    async fn new_client(&mut self, target: NodeId, _node: &Node) -> PeerConnection {
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerConnection {
+        // A member added by `members add` is in no config file: the membership names it.
+        self.inner.peers.learn(target, node);
         PeerConnection {
             target,
             name: self
                 .inner
                 .peers
-                .get(&target)
-                .map(|p| PeerName(p).to_string())
+                .get(target)
+                .map(|p| PeerName(&p).to_string())
                 .unwrap_or_else(|| format!("{target:#x}")),
             client: self.client(target),
             backoff: self.inner.backoff,
