@@ -302,7 +302,7 @@ impl Admin {
                 leader: m.current_leader == Some(*id),
             })
             .collect();
-        members.sort_by(|a, b| (&b.role == "voter", &a.id).cmp(&(&a.role == "voter", &b.id)));
+        members.sort_by_key(|x| (x.role != "voter", x.id.clone()));
         let sets = quorum_sets(&m);
         let changing = (sets.len() > 1).then(|| {
             format!(

@@ -340,10 +340,18 @@ impl Cluster {
         network.set_metrics(raft.metrics());
         if !fresh && s.start_as_leader {
             // The stored membership decides, never startAsLeader: a removed node's state must
-            // not seed a cluster (see `membership`).
-            let m = raft.metrics().borrow().clone();
-            let ms = m.membership_config.membership();
-            if ms.nodes().next().is_some() && !ms.voter_ids().any(|v| v == me) {
+            // not seed a cluster (see `membership`). openraft publishes the loaded state once
+            // its core runs, a moment after `Raft::new`.
+            let mut rx = raft.metrics();
+            let removed = tokio::time::timeout(
+                Duration::from_secs(1),
+                rx.wait_for(|m| m.membership_config.membership().nodes().next().is_some()),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|m| !m.membership_config.membership().voter_ids().any(|v| v == me));
+            if removed == Some(true) {
                 log::warn!(
                     "startAsLeader is set, but the state in {} says {} was removed from its \
                      cluster: refusing to bootstrap from it. The node stays out of the cluster \
