@@ -561,6 +561,11 @@ pub(crate) struct Handover {
 }
 
 impl Handover {
+    /// The followers' leader lease (openraft's, `election_timeout_max`).
+    pub(crate) fn lease(&self) -> Duration {
+        Duration::from_millis(self.election_timeout_max_ms)
+    }
+
     fn peer_name(&self, id: NodeId) -> String {
         self.peers
             .get(id)

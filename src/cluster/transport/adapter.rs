@@ -1,7 +1,7 @@
 //! The openraft adapter: [`Network`] is openraft's network factory, [`PeerConnection`] its view
 //! of one peer; answers are checked against [`crate::cluster::bounds`] before openraft sees them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::io;
 use std::net::IpAddr;
@@ -41,7 +41,12 @@ struct NetInner {
     metrics: OursSource,
     /// The keys of `peerKeyFile`, if set.
     keys: Option<Arc<SharedKeys>>,
+    /// Followers this leader sends no appends to for now (see [`Network::mute`]).
+    muted: Muted,
 }
+
+/// Followers a leader stops sending appends to, shared with every [`PeerConnection`].
+type Muted = Arc<Mutex<BTreeSet<NodeId>>>;
 
 /// Where answers find this node's current term and last log index (set once Raft runs).
 type OursSource = Arc<OnceLock<watch::Receiver<Metrics>>>;
@@ -78,6 +83,7 @@ impl Network {
                 clients: Mutex::default(),
                 metrics: OursSource::default(),
                 keys,
+                muted: Muted::default(),
             }),
         }
     }
@@ -187,6 +193,19 @@ impl Network {
         )
     }
 
+    /// Stops sending appends (heartbeats included) to `ids` until [`Network::unmute`]: their
+    /// leader lease then runs out while the others keep ours alive. A leader about to be
+    /// removed from a cluster of four or more voters does this so that its successor finds the
+    /// votes it needs at once (see `membership`).
+    pub fn mute(&self, ids: &BTreeSet<NodeId>) {
+        lock(&self.inner.muted).extend(ids);
+    }
+
+    /// Sends appends to every follower again.
+    pub fn unmute(&self) {
+        lock(&self.inner.muted).clear();
+    }
+
     /// Closes every outgoing connection (their tasks end when the clients drop).
     pub fn close(&self) {
         lock(&self.inner.clients).clear();
@@ -210,6 +229,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             client: self.client(target),
             backoff: self.inner.backoff,
             ours: self.inner.metrics.clone(),
+            muted: self.inner.muted.clone(),
         }
     }
 }
@@ -224,6 +244,8 @@ pub struct PeerConnection {
     backoff: Duration,
     /// Reference point for checking answers.
     ours: OursSource,
+    /// Followers muted by [`Network::mute`].
+    muted: Muted,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, Node, RaftError<NodeId, E>>;
@@ -328,6 +350,10 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        if lock(&self.muted).contains(&self.target) {
+            let e = io::Error::other("muted for a planned handover");
+            return Err(RPCError::Unreachable(Unreachable::new(&e)));
+        }
         match self.call(Request::AppendEntries(rpc)).await {
             Ok(Response::AppendEntries(Ok(r))) => {
                 self.check_answer("AppendEntries", |o| match &r {
