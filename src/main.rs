@@ -338,7 +338,8 @@ async fn run_clustered(
         Some(gate),
         Some(cluster.peers()),
         shutdown,
-    ).await;
+    )
+    .await;
     // The agent has removed the VIP by now, so a successor may take it at once.
     if let Err(e) = cluster.hand_over_and_shutdown().await {
         error!("handover: {e}");

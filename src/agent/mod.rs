@@ -25,8 +25,8 @@ use log::{error, info, warn};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-pub use crate::cluster::{Leadership, Role};
 use crate::cluster::transport::Peers;
+pub use crate::cluster::{Leadership, Role};
 use crate::cluster::{StaleLeadership, VoteGate};
 use crate::config::Config;
 use crate::lb::{self, ListenError, RunningLb};

@@ -63,9 +63,17 @@ pub async fn probe_pre_votes(
         let yes = if leader || !voter || contact.age() < lease / 2 {
             false
         } else {
-            let others: BTreeSet<NodeId> = sets.iter().flatten().copied().filter(|id| *id != me).collect();
+            let others: BTreeSet<NodeId> = sets
+                .iter()
+                .flatten()
+                .copied()
+                .filter(|id| *id != me)
+                .collect();
             let asks = others.iter().map(|id| async {
-                (*id, network.send_pre_vote(*id, last_log_index, lease / 2).await)
+                (
+                    *id,
+                    network.send_pre_vote(*id, last_log_index, lease / 2).await,
+                )
             });
             let mut granted: BTreeSet<NodeId> = futures::future::join_all(asks)
                 .await

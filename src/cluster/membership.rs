@@ -382,7 +382,11 @@ impl Admin {
     }
 
     /// Answers a change forwarded by `from` over the peer channel.
-    pub async fn serve_forwarded(&self, from: NodeId, change: Change) -> Result<String, ChangeError> {
+    pub async fn serve_forwarded(
+        &self,
+        from: NodeId,
+        change: Change,
+    ) -> Result<String, ChangeError> {
         change.check().map_err(ChangeError::Refused)?;
         let m = self.metrics();
         if !voters(&m).contains(&from) {
@@ -634,9 +638,7 @@ impl Admin {
         .await
         .is_ok();
         let result = if !released {
-            Err(format!(
-                "the VIP was not released within {RELEASE_WAIT:?}"
-            ))
+            Err(format!("the VIP was not released within {RELEASE_WAIT:?}"))
         } else {
             let m = self.metrics();
             self.handover.run(&m).await.map_err(|e| e.to_string())
@@ -777,9 +779,9 @@ pub async fn watch_membership(admin: Admin) {
                     "{me} is a learner, not a voter: removed from the cluster's voters (or not \
                      yet promoted); it will not hold the VIP while it is not a voter"
                 ),
-                Standing::Learner => log::info!(
-                    "{me} joined as a learner: catching up before it becomes a voter"
-                ),
+                Standing::Learner => {
+                    log::info!("{me} joined as a learner: catching up before it becomes a voter")
+                }
                 Standing::Voter => log::info!("{me} is a voter of the cluster"),
                 Standing::Out => log::warn!(
                     "{me} was removed from the cluster: it will never hold the VIP again; stop \
@@ -842,7 +844,11 @@ mod tests {
         assert!(add("a b", "10.0.0.4:10000").check().is_err());
         assert!(add("server4", "0.0.0.0:10000").check().is_err());
         assert!(add("server4", "10.0.0.4:0").check().is_err());
-        assert!(Change::Remove { id: "server1".into() }.check().is_ok());
+        assert!(Change::Remove {
+            id: "server1".into()
+        }
+        .check()
+        .is_ok());
         // The wire form is stable.
         assert_eq!(
             serde_json::to_string(&Change::Remove { id: "s".into() }).expect("json"),
@@ -856,8 +862,14 @@ mod tests {
         let new: BTreeSet<NodeId> = [2, 3, 4].into();
         let sets = vec![old.clone(), new.clone()];
         assert!(has_quorum(&sets, &[2, 3].into()));
-        assert!(!has_quorum(&sets, &[1, 2].into()), "no majority of the new set");
-        assert!(!has_quorum(&sets, &[3, 4].into()), "no majority of the old set");
+        assert!(
+            !has_quorum(&sets, &[1, 2].into()),
+            "no majority of the new set"
+        );
+        assert!(
+            !has_quorum(&sets, &[3, 4].into()),
+            "no majority of the old set"
+        );
         assert!(has_quorum(&[old], &[1, 2].into()));
         assert!(!has_quorum(&[], &[1].into()), "no membership, no quorum");
     }

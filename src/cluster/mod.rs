@@ -350,7 +350,12 @@ impl Cluster {
             .await
             .ok()
             .and_then(Result::ok)
-            .map(|m| !m.membership_config.membership().voter_ids().any(|v| v == me));
+            .map(|m| {
+                !m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|v| v == me)
+            });
             if removed == Some(true) {
                 log::warn!(
                     "startAsLeader is set, but the state in {} says {} was removed from its \

@@ -409,7 +409,10 @@ impl Metrics {
     /// Hook: a member the Raft membership named (added with `members add`), so that `status`
     /// names it like a configured peer.
     pub fn peer_learned(&self, id: &str, addr: SocketAddr) {
-        self.state().peers.entry(addr).or_insert_with(|| id.to_string());
+        self.state()
+            .peers
+            .entry(addr)
+            .or_insert_with(|| id.to_string());
     }
 
     /// Hook: what one Raft metrics snapshot says, with the role derived from it. Called by

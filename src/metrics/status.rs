@@ -288,7 +288,11 @@ async fn serve_client(stream: UnixStream, vip: &str) -> Result<(), ClientError> 
     let mut lines = Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE));
     if uid != 0 && uid != me {
         let refusal = Reply::Error(format!("uid {uid} may not ask; run as root"));
-        within(EXCHANGE_TIMEOUT, lines.send(serde_json::to_string(&refusal)?)).await??;
+        within(
+            EXCHANGE_TIMEOUT,
+            lines.send(serde_json::to_string(&refusal)?),
+        )
+        .await??;
         return Ok(());
     }
     while let Some(line) = within(EXCHANGE_TIMEOUT, lines.next()).await? {

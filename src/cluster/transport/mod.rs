@@ -62,7 +62,10 @@ impl Peers {
 
     /// A copy of every known peer (for the handshake, which checks one caller against it).
     pub fn snapshot(&self) -> PeerMap {
-        self.map.read().unwrap_or_else(PoisonError::into_inner).clone()
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Learns a member named by the membership, unless known already; `false` if its recorded
@@ -74,7 +77,10 @@ impl Peers {
         }
         match node.addr.parse::<SocketAddr>() {
             Ok(addr) => {
-                log::info!("learned member {} at {addr} from the membership", node.peer_id);
+                log::info!(
+                    "learned member {} at {addr} from the membership",
+                    node.peer_id
+                );
                 crate::metrics::get().peer_learned(&node.peer_id, addr);
                 map.insert(
                     id,

@@ -302,9 +302,9 @@ async fn handle_request(server: &Server, from: NodeId, req: Request, remote: &Re
                 })
                 .await
         }
-        Request::PreVote { last_log_index } => {
-            Response::PreVote(is_voter(server, from, "pre-vote", remote) && pre_vote(server, last_log_index))
-        }
+        Request::PreVote { last_log_index } => Response::PreVote(
+            is_voter(server, from, "pre-vote", remote) && pre_vote(server, last_log_index),
+        ),
         Request::Vote(_) if !is_voter(server, from, "vote", remote) => {
             Response::Vote(Ok(refuse_vote(raft)))
         }
