@@ -60,8 +60,49 @@ pub enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Show or change the cluster's members, like `etcdctl member`: run as root on a member;
+    /// the agent forwards a change to the leader. One change at a time; a change that would
+    /// cost the cluster its quorum is refused.
+    #[command(subcommand)]
+    Members(Members),
     /// Print the version.
     Version,
+}
+
+/// `kube-vip members ...`
+#[derive(Debug, Subcommand)]
+pub enum Members {
+    /// Every member: id, Raft address, voter or learner, and which one leads.
+    List {
+        /// Config file of the running agent (its stateDir holds the agent's socket).
+        #[arg(short = 'c', long = "config", value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Output: a table for people, or json for scripts.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Add a node (already started with startAsLeader: false and current members in
+    /// remotePeers): it joins as a learner, catches up, then becomes a voter.
+    Add {
+        /// Config file of the running agent (its stateDir holds the agent's socket).
+        #[arg(short = 'c', long = "config", value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// The new node's id (its localPeer id).
+        #[arg(long, value_name = "ID")]
+        id: String,
+        /// The new node's Raft address (its localPeer address and port).
+        #[arg(long, value_name = "IP:PORT")]
+        address: std::net::SocketAddr,
+    },
+    /// Remove a node; if it leads, leadership is handed over first.
+    Remove {
+        /// Config file of the running agent (its stateDir holds the agent's socket).
+        #[arg(short = 'c', long = "config", value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// The node's id.
+        #[arg(long, value_name = "ID")]
+        id: String,
+    },
 }
 
 /// Output format of `status`.

@@ -72,7 +72,65 @@ fn main() -> ExitCode {
         },
         Command::Start(args) => start(args),
         Command::Status { config, output } => status(&config, output),
+        Command::Members(m) => members(m),
     }
+}
+
+/// `kube-vip members ...`: one request to the local agent's socket.
+fn members(cmd: cli::Members) -> ExitCode {
+    use metrics::status::{ask, Reply, Request};
+    let (path, req, output) = match cmd {
+        cli::Members::List { config, output } => (config, Request::Members, output),
+        cli::Members::Add {
+            config,
+            id,
+            address,
+        } => (
+            config,
+            Request::Change {
+                change: cluster::membership::Change::Add { id, address },
+            },
+            cli::Output::Table,
+        ),
+        cli::Members::Remove { config, id } => (
+            config,
+            Request::Change {
+                change: cluster::membership::Change::Remove { id },
+            },
+            cli::Output::Table,
+        ),
+    };
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let text = match ask(&config.state_dir(), &req) {
+        Ok(Reply::Changed(done)) => done + "\n",
+        Ok(Reply::Members(m)) => match output {
+            cli::Output::Table => cluster::membership::table(&m),
+            cli::Output::Json => match serde_json::to_string_pretty(&m) {
+                Ok(j) => j + "\n",
+                Err(e) => {
+                    eprintln!("cannot print members: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+        },
+        Ok(other) => {
+            eprintln!("unexpected answer from the agent: {other:?}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // A closed stdout (`| head`) is not worth a panic.
+    let _ = std::io::stdout().write_all(text.as_bytes());
+    ExitCode::SUCCESS
 }
 
 fn print_yaml(c: &Config) -> ExitCode {
@@ -276,7 +334,7 @@ async fn run(config: Config, disable_vip: bool) -> Result<(), Box<dyn std::error
         let _hangup = tokio::spawn(reload_keys_on_hangup(None));
         // Alone, this node is always entitled to the VIP; the sender lives as long as the agent.
         let (_role_tx, role_rx) = watch::channel(Leadership::now(Role::Leader));
-        agent::run(config, disable_vip, role_rx, None, shutdown).await?;
+        agent::run(config, disable_vip, role_rx, None, None, shutdown).await?;
         return Ok(());
     }
     run_clustered(config, disable_vip, shutdown).await
@@ -333,8 +391,17 @@ async fn run_clustered(
         config.remote_peers.len(),
         config.state_dir().display()
     );
+    metrics::status::set_admin(cluster.admin());
     let role_rx = cluster.leadership();
-    let result = agent::run(config, disable_vip, role_rx, Some(gate), shutdown).await;
+    let result = agent::run(
+        config,
+        disable_vip,
+        role_rx,
+        Some(gate),
+        Some(cluster.peers()),
+        shutdown,
+    )
+    .await;
     // The agent has removed the VIP by now, so a successor may take it at once.
     if let Err(e) = cluster.hand_over_and_shutdown().await {
         error!("handover: {e}");

@@ -25,6 +25,7 @@ use log::{error, info, warn};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::cluster::transport::Peers;
 pub use crate::cluster::{Leadership, Role};
 use crate::cluster::{StaleLeadership, VoteGate};
 use crate::config::Config;
@@ -75,8 +76,13 @@ struct Agent {
     gate: Option<Arc<VoteGate>>,
     /// Probe window before taking the VIP; `None` = no probe (`vipProbeMs: 0`).
     probe: Option<Duration>,
-    /// The other nodes' Raft addresses, to tell a dead peer's leftover VIP from a live holder.
+    /// The other nodes' Raft addresses, to tell a dead peer's leftover VIP from a live holder:
+    /// the configured ones.
     peers: Vec<SocketAddr>,
+    /// With a cluster: every known peer, members added since start included.
+    members: Option<Arc<Peers>>,
+    /// This node's own Raft address (not a peer).
+    local: Option<SocketAddr>,
     /// Since when, and when last logged, another host has been answering for the VIP.
     held: Option<(Instant, Instant)>,
     /// A probe failure was logged (it would repeat at every take).
@@ -102,6 +108,7 @@ pub async fn run(
     disable_vip: bool,
     mut role: watch::Receiver<Leadership>,
     gate: Option<Arc<VoteGate>>,
+    members: Option<Arc<Peers>>,
     mut shutdown: Shutdown,
 ) -> Result<(), AgentError> {
     let vip = (!disable_vip).then(|| VipSettings {
@@ -115,6 +122,7 @@ pub async fn run(
         },
     });
     let config_probe_ms = config.vip_probe_ms();
+    let config_local = config.local_peer.as_ref().map(|p| p.socket_addr());
     let peers = config
         .remote_peers
         .iter()
@@ -145,6 +153,8 @@ pub async fn run(
             ms => Some(Duration::from_millis(ms)),
         },
         peers,
+        members,
+        local: config_local,
         held: None,
         probe_failure_logged: false,
         pools,
@@ -219,7 +229,16 @@ impl Agent {
         };
         let vip = settings.address;
         let started = Instant::now();
-        let claim = claim::check(settings, window, &self.peers).await;
+        let peers: Vec<SocketAddr> = match &self.members {
+            Some(m) => m
+                .snapshot()
+                .values()
+                .map(|p| p.addr)
+                .filter(|a| Some(*a) != self.local)
+                .collect(),
+            None => self.peers.clone(),
+        };
+        let claim = claim::check(settings, window, &peers).await;
         log::debug!(
             "probed the link for VIP {vip} in {} ms: {claim:?}",
             started.elapsed().as_millis()

@@ -5,6 +5,7 @@
 //! at a fresh random time; [`stand_if`] is the one guarded way to stand. [`LeaderContact`]
 //! records when a leader was last heard.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,7 @@ use rand::Rng;
 use tokio::sync::watch;
 
 use super::gate::VoteGate;
+use super::membership;
 use super::transport::Network;
 use super::types::{Metrics, NodeId, Raft};
 
@@ -31,38 +33,55 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// (lease + random timeout after the last heartbeat) a real failover has already been cleared
 /// to proceed. It publishes the answer on `tx`; a round waits for at most `lease / 2`, which is
 /// why it runs apart from [`guard_elections`].
+///
+/// Who is asked and what counts as a quorum come from the current membership (both halves of
+/// a joint configuration must each grant a majority); a node that is not a voter never asks,
+/// so it never stands.
 pub async fn probe_pre_votes(
     raft: Raft,
     network: Network,
-    others: Vec<NodeId>,
     contact: LeaderContact,
     tick: Duration,
     lease: Duration,
     tx: watch::Sender<bool>,
 ) {
-    let members = others.len() + 1;
-    let quorum = members / 2 + 1;
     let mut every = tokio::time::interval(tick);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let (leader, last_log_index) = {
+        let (leader, last_log_index, me, sets) = {
             let m = raft.metrics();
             let m = m.borrow();
-            (m.state == ServerState::Leader, m.last_log_index)
+            (
+                m.state == ServerState::Leader,
+                m.last_log_index,
+                m.id,
+                membership::quorum_sets(&m),
+            )
         };
-        let yes = if leader || contact.age() < lease / 2 {
+        let voter = sets.iter().any(|s| s.contains(&me));
+        let yes = if leader || !voter || contact.age() < lease / 2 {
             false
         } else {
-            let asks = others
+            let others: BTreeSet<NodeId> = sets
                 .iter()
-                .map(|id| network.send_pre_vote(*id, last_log_index, lease / 2));
-            let granted = futures::future::join_all(asks)
+                .flatten()
+                .copied()
+                .filter(|id| *id != me)
+                .collect();
+            let asks = others.iter().map(|id| async {
+                (
+                    *id,
+                    network.send_pre_vote(*id, last_log_index, lease / 2).await,
+                )
+            });
+            let mut granted: BTreeSet<NodeId> = futures::future::join_all(asks)
                 .await
                 .into_iter()
-                .filter(|granted| *granted)
-                .count();
-            1 + granted >= quorum
+                .filter_map(|(id, yes)| yes.then_some(id))
+                .collect();
+            granted.insert(me);
+            membership::has_quorum(&sets, &granted)
         };
         tx.send_if_modified(|v| std::mem::replace(v, yes) != yes);
     }
@@ -118,7 +137,6 @@ pub async fn guard_elections(
     gate: Arc<VoteGate>,
     mut would_win: watch::Receiver<bool>,
     contact: LeaderContact,
-    members: Vec<NodeId>,
     lease: Duration,
     timeout_min: Duration,
     timeout_max: Duration,
@@ -141,8 +159,10 @@ pub async fn guard_elections(
             first_stand = None;
             if want {
                 let m = metrics.borrow();
-                if m.state == ServerState::Follower {
-                    let turn = first_stand_turn(&members, m.id, m.current_leader);
+                // Only voters stand, and turns are counted among the current voters.
+                let voters: Vec<NodeId> = membership::voters(&m).into_iter().collect();
+                if m.state == ServerState::Follower && voters.contains(&m.id) {
+                    let turn = first_stand_turn(&voters, m.id, m.current_leader);
                     first_stand = Some((Instant::now() + timeout_min * turn as u32, turn));
                 }
             }

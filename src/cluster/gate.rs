@@ -76,6 +76,12 @@ impl VoteGate {
         Some(act.await)
     }
 
+    /// Whether the VIP may be up now (a leader removing itself waits for it to go before it
+    /// hands over: the successor's vote request would be refused while it is up).
+    pub async fn is_up(&self) -> bool {
+        self.state.lock().await.up
+    }
+
     /// Runs `vote` (openraft's decision) unless the VIP may be up, in which case `None` means
     /// "refuse". `granted_to_other` tells from the answer whether another node got our vote.
     pub async fn vote<F, T>(&self, vote: F, granted_to_other: impl Fn(&T) -> bool) -> Option<T>

@@ -131,11 +131,14 @@ pub fn evaluate(
 }
 
 /// Feeds `role` from Raft metrics until the metrics channel closes (Raft shut down), then
-/// sets [`Role::Follower`]. Logs leader changes the way kube-vip 0.1 did.
+/// sets [`Role::Follower`]. Logs leader changes the way kube-vip 0.1 did. While `step_down`
+/// says so (a leader about to hand over because it is being removed), the role is
+/// [`Role::Follower`] whatever Raft says.
 pub async fn follow(
     mut metrics: watch::Receiver<Metrics>,
     lease: Duration,
     role: watch::Sender<Leadership>,
+    mut step_down: watch::Receiver<bool>,
     addr_of: impl Fn(NodeId) -> Option<SocketAddr>,
 ) {
     let mut leader: Option<NodeId> = None;
@@ -152,7 +155,11 @@ pub async fn follow(
             }
         }
         first = false;
-        let (now_role, until) = evaluate(&snapshot, received, Instant::now(), lease);
+        let (now_role, until) = if *step_down.borrow_and_update() {
+            (Role::Follower, None)
+        } else {
+            evaluate(&snapshot, received, Instant::now(), lease)
+        };
         crate::metrics::get().raft(snapshot.current_term, leader.and_then(&addr_of), now_role);
         let before = role.borrow().role;
         // The lease's end is updated with every snapshot, but only a change of role wakes the
@@ -190,6 +197,14 @@ pub async fn follow(
             }
             // The same snapshot, re-evaluated at the lease's end: it will say Lapsed.
             _ = sleep_until(until.unwrap_or_else(Instant::now)), if until.is_some() => {}
+            // A step-down takes effect at once; its end waits for the next snapshot's evidence.
+            changed = step_down.changed() => {
+                if changed.is_err() {
+                    // The sender lives as long as the cluster; gone means shutting down.
+                    role.send_replace(Leadership::now(Role::Follower));
+                    return;
+                }
+            }
         }
     }
 }
@@ -267,7 +282,8 @@ mod tests {
     async fn lease_ends_by_timer_when_metrics_stop() {
         let (mtx, mrx) = watch::channel(leader_metrics(1, Some(0)));
         let (rtx, mut rrx) = watch::channel(Leadership::now(Role::Follower));
-        let task = tokio::spawn(follow(mrx, Duration::from_millis(80), rtx, |_| None));
+        let (stx, srx) = watch::channel(false);
+        let task = tokio::spawn(follow(mrx, Duration::from_millis(80), rtx, srx, |_| None));
         rrx.wait_for(|r| r.role == Role::Leader)
             .await
             .expect("leader");
@@ -281,6 +297,16 @@ mod tests {
         rrx.wait_for(|r| r.role == Role::Leader)
             .await
             .expect("leader again");
+        // Stepping down (removal of the leader) drops the VIP at once, and ends with it.
+        stx.send_replace(true);
+        rrx.wait_for(|r| r.role == Role::Follower)
+            .await
+            .expect("stepped down");
+        stx.send_replace(false);
+        mtx.send_replace(leader_metrics(1, Some(1)));
+        rrx.wait_for(|r| r.role == Role::Leader)
+            .await
+            .expect("leader after the step-down");
         drop(mtx);
         rrx.wait_for(|r| r.role == Role::Follower)
             .await

@@ -50,6 +50,7 @@ pub mod elections;
 pub mod gate;
 pub mod lease;
 pub mod lograte;
+pub mod membership;
 pub mod store;
 pub mod transport;
 pub mod types;
@@ -73,8 +74,9 @@ pub use self::store::StoreError;
 pub use self::types::{node_id, Metrics, Node, NodeId, PeerInfo, Raft};
 
 use self::elections::{guard_elections, probe_pre_votes, LeaderContact};
+pub use self::membership::Admin;
 use self::store::{LogStore, StateMachineStore};
-use self::transport::{Network, PeerMap};
+use self::transport::{Network, PeerMap, Peers};
 
 /// Lock file in the state directory: one process per state directory.
 pub const LOCK_FILE: &str = "LOCK";
@@ -222,13 +224,16 @@ impl ClusterSettings {
 /// A running cluster member.
 pub struct Cluster {
     raft: Raft,
-    me: NodeId,
-    peers: Arc<PeerMap>,
+    peers: Arc<Peers>,
     network: Network,
     settings: ClusterSettings,
     server: JoinHandle<()>,
-    /// When this node last became leader (see [`Cluster::hand_over`]).
-    leader_since: Arc<Mutex<Option<Instant>>>,
+    /// The planned handover (SIGTERM, or `members remove` of the leader).
+    handover: Handover,
+    /// Membership changes and `members list`.
+    admin: Admin,
+    /// Logs membership changes, learns members' addresses, finishes half-done changes.
+    membership_watch: JoinHandle<()>,
     /// Keeps `leader_since` up to date.
     leader_watch: JoinHandle<()>,
     /// Asks the peers whether they would vote for this node (see [`probe_pre_votes`]).
@@ -257,7 +262,7 @@ impl Cluster {
     /// `gate` is shared with whatever holds the VIP: votes are refused while it says the VIP
     /// may be up (see [`gate`]).
     pub async fn start(s: ClusterSettings, gate: Arc<VoteGate>) -> Result<Cluster, ClusterError> {
-        let peers = Arc::new(s.peer_map()?);
+        let configured = s.peer_map()?;
         let me = node_id(&s.local.id);
         let config = s.raft_config()?;
 
@@ -291,6 +296,8 @@ impl Cluster {
         if log_store.demote_own_leader_vote(me) {
             log::info!("was leader before the restart; rejoining as a follower");
         }
+        let configured_ids: BTreeSet<NodeId> = configured.keys().copied().collect();
+        let peers = Arc::new(Peers::new(configured));
 
         // Bind before starting Raft: a wrong address must fail start(), and a
         // follower must be reachable as soon as its Raft runs.
@@ -331,16 +338,69 @@ impl Cluster {
         .await
         .map_err(|e| ClusterError::Raft(e.to_string()))?;
         network.set_metrics(raft.metrics());
+        if !fresh && s.start_as_leader {
+            // The stored membership decides, never startAsLeader: a removed node's state must
+            // not seed a cluster (see `membership`). openraft publishes the loaded state once
+            // its core runs, a moment after `Raft::new`.
+            let mut rx = raft.metrics();
+            let removed = tokio::time::timeout(
+                Duration::from_secs(1),
+                rx.wait_for(|m| m.membership_config.membership().nodes().next().is_some()),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|m| {
+                !m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|v| v == me)
+            });
+            if removed == Some(true) {
+                log::warn!(
+                    "startAsLeader is set, but the state in {} says {} was removed from its \
+                     cluster: refusing to bootstrap from it. The node stays out of the cluster \
+                     (no votes, no VIP); to start a new cluster here, stop it and delete that \
+                     directory",
+                    s.state_dir.display(),
+                    s.local.id
+                );
+            }
+        }
 
         let contact = LeaderContact::new();
         let lease = Duration::from_millis(s.election_timeout_max_ms);
         crate::metrics::get().leader_contact(contact.clone(), ready_window(lease));
+        let leader_since = Arc::new(Mutex::new(None));
+        let leader_watch = tokio::spawn(watch_leadership(raft.metrics(), leader_since.clone()));
+        let handover = Handover {
+            raft: raft.clone(),
+            me,
+            peers: peers.clone(),
+            network: network.clone(),
+            leader_since,
+            election_timeout_min_ms: s.election_timeout_min_ms,
+            election_timeout_max_ms: s.election_timeout_max_ms,
+        };
+        let (step_down_tx, step_down) = watch::channel(false);
+        let admin = Admin::new(
+            raft.clone(),
+            me,
+            peers.clone(),
+            network.clone(),
+            gate.clone(),
+            handover.clone(),
+            Arc::new(step_down_tx),
+        );
+        let membership_watch = tokio::spawn(membership::watch_membership(admin.clone()));
         let server = tokio::spawn(transport::serve(
             listener,
             Arc::new(transport::Server {
                 raft: raft.clone(),
                 me,
                 peers: peers.clone(),
+                admin: admin.clone(),
+                configured: configured_ids,
                 no_votes_until: tokio::time::Instant::now() + lease,
                 gate: gate.clone(),
                 contact: contact.clone(),
@@ -358,7 +418,6 @@ impl Cluster {
         let prober = tokio::spawn(probe_pre_votes(
             raft.clone(),
             network.clone(),
-            peers.keys().copied().filter(|id| *id != me).collect(),
             contact.clone(),
             Duration::from_millis(s.heartbeat_ms),
             lease,
@@ -369,7 +428,6 @@ impl Cluster {
             gate.clone(),
             would_win,
             contact,
-            peers.keys().copied().collect(),
             lease,
             Duration::from_millis(s.election_timeout_min_ms),
             Duration::from_millis(s.election_timeout_max_ms),
@@ -379,25 +437,24 @@ impl Cluster {
             Duration::from_millis(s.election_timeout_max_ms),
         );
         let (role_tx, leadership) = watch::channel(Leadership::now(Role::Follower));
-        let addrs: BTreeMap<NodeId, SocketAddr> =
-            peers.iter().map(|(id, p)| (*id, p.addr)).collect();
+        let named = peers.clone();
         let lease_task = tokio::spawn(lease::follow(
             raft.metrics(),
             vip_lease,
             role_tx,
-            move |id| addrs.get(&id).copied(),
+            step_down,
+            move |id| named.get(id).map(|p| p.addr),
         ));
-        let leader_since = Arc::new(Mutex::new(None));
-        let leader_watch = tokio::spawn(watch_leadership(raft.metrics(), leader_since.clone()));
 
         let cluster = Cluster {
             raft,
-            me,
             peers,
             network,
             settings: s,
             server,
-            leader_since,
+            handover,
+            admin,
+            membership_watch,
             leader_watch,
             prober,
             guard,
@@ -409,6 +466,7 @@ impl Cluster {
         if fresh && cluster.settings.start_as_leader {
             let members: BTreeMap<NodeId, Node> = cluster
                 .peers
+                .snapshot()
                 .iter()
                 .map(|(id, p)| {
                     (
@@ -446,14 +504,14 @@ impl Cluster {
         self.leadership.clone()
     }
 
-    /// Address of a node id (for log lines like "The Node [192.168.0.71:10000] is leading").
-    pub fn peer_addr(&self, id: NodeId) -> Option<SocketAddr> {
-        self.peers.get(&id).map(|p| p.addr)
+    /// Every known peer: the configured ones and the members named by the membership.
+    pub fn peers(&self) -> Arc<Peers> {
+        self.peers.clone()
     }
 
-    /// Configured peer id string of a node id.
-    pub fn peer_name(&self, id: NodeId) -> Option<&str> {
-        self.peers.get(&id).map(|p| p.id.as_str())
+    /// Membership changes and `members list` for the status socket.
+    pub fn admin(&self) -> Admin {
+        self.admin.clone()
     }
 
     /// Planned handover, called on the leader at SIGTERM: make another node
@@ -472,12 +530,61 @@ impl Cluster {
             self.shutdown().await;
             return Ok(());
         }
-        let res = self.hand_over(&m).await;
+        let res = self.handover.run(&m).await;
         self.shutdown().await;
         res.map(|_| ())
     }
 
-    async fn hand_over(&self, m: &Metrics) -> Result<NodeId, ClusterError> {
+    /// Stops Raft, the listener and all peer connections.
+    pub async fn shutdown(self) {
+        if let Err(e) = self.raft.shutdown().await {
+            log::warn!("raft shutdown: {e}");
+        }
+        self.server.abort();
+        self.leader_watch.abort();
+        self.membership_watch.abort();
+        self.prober.abort();
+        self.guard.abort();
+        self.lease_task.abort();
+        let _ = self.server.await;
+        self.network.close();
+    }
+}
+
+/// The planned leadership handover (see the module doc), shared by SIGTERM and by
+/// `members remove` of the leader.
+#[derive(Clone)]
+pub(crate) struct Handover {
+    raft: Raft,
+    me: NodeId,
+    peers: Arc<Peers>,
+    network: Network,
+    /// When this node last became leader.
+    leader_since: Arc<Mutex<Option<Instant>>>,
+    election_timeout_min_ms: u64,
+    election_timeout_max_ms: u64,
+}
+
+impl Handover {
+    /// The followers' leader lease (openraft's, `election_timeout_max`).
+    pub(crate) fn lease(&self) -> Duration {
+        Duration::from_millis(self.election_timeout_max_ms)
+    }
+
+    fn peer_name(&self, id: NodeId) -> String {
+        self.peers
+            .get(id)
+            .map(|p| p.id)
+            .unwrap_or_else(|| format!("{id:#x}"))
+    }
+
+    fn peer_addr(&self, id: NodeId) -> Option<SocketAddr> {
+        self.peers.get(id).map(|p| p.addr)
+    }
+
+    /// Hands leadership over (this node must lead); heartbeats stay off afterwards (a node
+    /// that goes on running switches them back on). The new leader's id.
+    pub(crate) async fn run(&self, m: &Metrics) -> Result<NodeId, ClusterError> {
         let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
         let last = m.last_log_index;
         // Only a follower holding the whole log can win (voters refuse a
@@ -515,7 +622,7 @@ impl Cluster {
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(since) = since {
             let lease_end =
-                since + Duration::from_millis(self.settings.election_timeout_max_ms) + LEASE_MARGIN;
+                since + Duration::from_millis(self.election_timeout_max_ms) + LEASE_MARGIN;
             let now = Instant::now();
             if lease_end > now {
                 log::info!(
@@ -527,10 +634,10 @@ impl Cluster {
             }
         }
 
-        let ask_limit = Duration::from_millis(self.settings.election_timeout_min_ms);
+        let ask_limit = Duration::from_millis(self.election_timeout_min_ms);
         let mut errors = Vec::new();
         for (_, target) in &candidates {
-            let name = self.peer_name(*target).unwrap_or("?");
+            let name = self.peer_name(*target);
             log::info!(
                 "handing leadership over to {name} ({})",
                 self.peer_addr(*target)
@@ -551,7 +658,7 @@ impl Cluster {
     /// Waits until this node sees a leader other than itself.
     async fn wait_for_other_leader(&self) -> Result<NodeId, ClusterError> {
         let mut rx = self.raft.metrics();
-        let limit = Duration::from_millis(3 * self.settings.election_timeout_max_ms);
+        let limit = Duration::from_millis(3 * self.election_timeout_max_ms);
         let me = self.me;
         let wait = async {
             loop {
@@ -569,20 +676,6 @@ impl Cluster {
                 "no new leader within {limit:?}"
             ))),
         }
-    }
-
-    /// Stops Raft, the listener and all peer connections.
-    pub async fn shutdown(self) {
-        if let Err(e) = self.raft.shutdown().await {
-            log::warn!("raft shutdown: {e}");
-        }
-        self.server.abort();
-        self.leader_watch.abort();
-        self.prober.abort();
-        self.guard.abort();
-        self.lease_task.abort();
-        let _ = self.server.await;
-        self.network.close();
     }
 }
 

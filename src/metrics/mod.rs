@@ -406,6 +406,15 @@ impl Metrics {
         }
     }
 
+    /// Hook: a member the Raft membership named (added with `members add`), so that `status`
+    /// names it like a configured peer.
+    pub fn peer_learned(&self, id: &str, addr: SocketAddr) {
+        self.state()
+            .peers
+            .entry(addr)
+            .or_insert_with(|| id.to_string());
+    }
+
     /// Hook: what one Raft metrics snapshot says, with the role derived from it. Called by
     /// `follow` for every snapshot, so it sees every lapse even when the agent does not.
     pub fn raft(&self, term: u64, leader: Option<SocketAddr>, role: Role) {

@@ -1,7 +1,9 @@
-//! `kube-vip status`: the agent answers on a unix socket in `stateDir`, the command prints.
+//! `kube-vip status` and `kube-vip members`: the agent answers on a unix socket in `stateDir`,
+//! the command prints.
 //!
-//! The protocol is one JSON object per line each way: a [`Request`] (a command enum, so later
-//! commands such as membership changes join it) and a [`Reply`]. The socket is the agent's
+//! The protocol is one JSON object per line each way: a [`Request`] (a command enum) and a
+//! [`Reply`]. A membership change may take longer than [`EXCHANGE_TIMEOUT`] (a new node
+//! catches up, a leader hands over): it runs under [`CHANGE_TIMEOUT`] instead. The socket is the agent's
 //! administrative door, so it is root's only: mode 0600, and a connection from any other user
 //! is refused by its peer credentials as well. Every exchange runs under [`EXCHANGE_TIMEOUT`],
 //! lines are capped at [`MAX_LINE`], and [`MAX_CLIENTS`] are served at once.
@@ -10,7 +12,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -22,6 +24,8 @@ use tokio_util::codec::{Framed, LinesCodec};
 
 use super::Metrics;
 use crate::agent::Role;
+pub use crate::cluster::membership::CHANGE_TIMEOUT;
+use crate::cluster::membership::{Admin, Change, ChangeError, Members};
 use crate::shutdown::Shutdown;
 
 /// The socket's file name inside `stateDir`.
@@ -39,6 +43,13 @@ pub const MAX_CLIENTS: usize = 4;
 pub enum Request {
     /// This node's view: role, term, leader, VIP, peers, backends.
     Status,
+    /// `members list`: the membership as this node's log has it.
+    Members,
+    /// `members add/remove`: made at the leader (the agent forwards it there).
+    Change {
+        /// What to change.
+        change: Change,
+    },
 }
 
 /// What the agent answers.
@@ -47,6 +58,10 @@ pub enum Request {
 pub enum Reply {
     /// The answer to [`Request::Status`].
     Status(Box<Status>),
+    /// The answer to [`Request::Members`].
+    Members(Members),
+    /// The answer to [`Request::Change`]: what was done.
+    Changed(String),
     /// The request could not be served; the text says why.
     Error(String),
 }
@@ -185,6 +200,14 @@ impl Metrics {
     }
 }
 
+/// The clustered agent's membership driver, once its cluster runs (none in single-node mode).
+static ADMIN: OnceLock<Admin> = OnceLock::new();
+
+/// Hands the socket the cluster's membership driver (once, when the cluster has started).
+pub fn set_admin(admin: Admin) {
+    let _ = ADMIN.set(admin);
+}
+
 /// Where the socket lives for a given `stateDir`.
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join(SOCKET_NAME)
@@ -235,10 +258,9 @@ pub async fn serve(listener: UnixListener, vip: String, mut shutdown: Shutdown) 
         let vip = vip.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match tokio::time::timeout(EXCHANGE_TIMEOUT, serve_client(stream, &vip)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => debug!("status client: {e}"),
-                Err(_) => debug!("status client: timed out"),
+            // Each read and write has its own limit; a change its own (see `serve_client`).
+            if let Err(e) = serve_client(stream, &vip).await {
+                debug!("status client: {e}");
             }
         });
     }
@@ -256,6 +278,8 @@ enum ClientError {
     Line(#[from] tokio_util::codec::LinesCodecError),
     #[error("cannot encode reply: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("timed out")]
+    Timeout,
 }
 
 async fn serve_client(stream: UnixStream, vip: &str) -> Result<(), ClientError> {
@@ -264,18 +288,53 @@ async fn serve_client(stream: UnixStream, vip: &str) -> Result<(), ClientError> 
     let mut lines = Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE));
     if uid != 0 && uid != me {
         let refusal = Reply::Error(format!("uid {uid} may not ask; run as root"));
-        lines.send(serde_json::to_string(&refusal)?).await?;
+        within(
+            EXCHANGE_TIMEOUT,
+            lines.send(serde_json::to_string(&refusal)?),
+        )
+        .await??;
         return Ok(());
     }
-    while let Some(line) = lines.next().await {
+    while let Some(line) = within(EXCHANGE_TIMEOUT, lines.next()).await? {
         let reply = match serde_json::from_str::<Request>(&line?) {
             Ok(Request::Status) => Reply::Status(Box::new(super::get().status(vip.to_string()))),
+            Ok(Request::Members) => match ADMIN.get() {
+                None => Reply::Error(NO_CLUSTER.into()),
+                Some(a) => match a.list() {
+                    Ok(m) => Reply::Members(m),
+                    Err(e) => Reply::Error(e),
+                },
+            },
+            Ok(Request::Change { change }) => match ADMIN.get() {
+                None => Reply::Error(NO_CLUSTER.into()),
+                Some(a) => {
+                    info!("members: asked for {change:?} on the status socket");
+                    match tokio::time::timeout(CHANGE_TIMEOUT, a.change(change)).await {
+                        Ok(Ok(done)) => Reply::Changed(done),
+                        Ok(Err(ChangeError::Refused(e) | ChangeError::Retry(e))) => Reply::Error(e),
+                        Err(_) => Reply::Error(format!(
+                            "no answer within {CHANGE_TIMEOUT:?}: check `kube-vip members list`"
+                        )),
+                    }
+                }
+            },
             Err(e) => Reply::Error(format!("unknown request: {e}")),
         };
-        lines.send(serde_json::to_string(&reply)?).await?;
+        within(EXCHANGE_TIMEOUT, lines.send(serde_json::to_string(&reply)?)).await??;
     }
     Ok(())
 }
+
+/// `f` under a time limit.
+async fn within<F: std::future::Future>(limit: Duration, f: F) -> Result<F::Output, ClientError> {
+    tokio::time::timeout(limit, f)
+        .await
+        .map_err(|_| ClientError::Timeout)
+}
+
+/// Why a membership command gets nothing on a node without a cluster.
+const NO_CLUSTER: &str =
+    "this agent runs without a cluster (singleNode, or still starting): no membership to show or change";
 
 /// Why `kube-vip status` could not get an answer.
 #[derive(Debug, thiserror::Error)]
@@ -304,9 +363,13 @@ pub enum AskError {
     Refused(String),
 }
 
-/// Asks the agent whose `stateDir` is `state_dir` one request, under [`EXCHANGE_TIMEOUT`].
-/// Blocking: the command runs without a runtime.
+/// Asks the agent whose `stateDir` is `state_dir` one request, under [`EXCHANGE_TIMEOUT`]
+/// ([`CHANGE_TIMEOUT`] for a change). Blocking: the command runs without a runtime.
 pub fn ask(state_dir: &Path, req: &Request) -> Result<Reply, AskError> {
+    let limit = match req {
+        Request::Change { .. } => CHANGE_TIMEOUT + EXCHANGE_TIMEOUT,
+        Request::Status | Request::Members => EXCHANGE_TIMEOUT,
+    };
     let path = socket_path(state_dir);
     let shown = path.display().to_string();
     let stream = std::os::unix::net::UnixStream::connect(&path).map_err(|e| match e.kind() {
@@ -326,7 +389,7 @@ pub fn ask(state_dir: &Path, req: &Request) -> Result<Reply, AskError> {
     };
     let exchange = || -> Result<String, String> {
         stream
-            .set_read_timeout(Some(EXCHANGE_TIMEOUT))
+            .set_read_timeout(Some(limit))
             .and_then(|()| stream.set_write_timeout(Some(EXCHANGE_TIMEOUT)))
             .map_err(|e| e.to_string())?;
         let mut line = serde_json::to_string(req).map_err(|e| e.to_string())?;
@@ -339,7 +402,7 @@ pub fn ask(state_dir: &Path, req: &Request) -> Result<Reply, AskError> {
             .read_line(&mut answer)
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                    format!("no answer within {EXCHANGE_TIMEOUT:?}")
+                    format!("no answer within {limit:?}")
                 }
                 _ => e.to_string(),
             })?;

@@ -1,7 +1,7 @@
 //! The openraft adapter: [`Network`] is openraft's network factory, [`PeerConnection`] its view
 //! of one peer; answers are checked against [`crate::cluster::bounds`] before openraft sees them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::io;
 use std::net::IpAddr;
@@ -21,18 +21,19 @@ use openraft::raft::{
 use openraft::{Snapshot, Vote};
 use tokio::sync::watch;
 
-use super::client::{CallError, HedgedClient, PeerClient};
+use super::client::{CallError, HedgedClient, PeerClient, RPC_TIMEOUT};
 use super::codec::{clip, Request, Response};
-use super::{lock, PeerMap, PeerName};
+use super::{lock, PeerName, Peers};
 use crate::cluster::auth::SharedKeys;
 use crate::cluster::bounds::{Ours, OutOfBounds};
+use crate::cluster::membership::{Change, ChangeError};
 use crate::cluster::types::{Metrics, Node, NodeId, TypeConfig};
 
 struct NetInner {
     me: NodeId,
     /// Source address for outgoing connections (our own Raft listener's IP).
     local_ip: IpAddr,
-    peers: Arc<PeerMap>,
+    peers: Arc<Peers>,
     /// Sleep after an `Unreachable` error before openraft retries that peer.
     backoff: Duration,
     clients: Mutex<HashMap<NodeId, HedgedClient>>,
@@ -40,7 +41,12 @@ struct NetInner {
     metrics: OursSource,
     /// The keys of `peerKeyFile`, if set.
     keys: Option<Arc<SharedKeys>>,
+    /// Followers this leader sends no appends to for now (see [`Network::mute`]).
+    muted: Muted,
 }
+
+/// Followers a leader stops sending appends to, shared with every [`PeerConnection`].
+type Muted = Arc<Mutex<BTreeSet<NodeId>>>;
 
 /// Where answers find this node's current term and last log index (set once Raft runs).
 type OursSource = Arc<OnceLock<watch::Receiver<Metrics>>>;
@@ -64,7 +70,7 @@ impl Network {
     pub fn new(
         me: NodeId,
         local_ip: IpAddr,
-        peers: Arc<PeerMap>,
+        peers: Arc<Peers>,
         backoff: Duration,
         keys: Option<Arc<SharedKeys>>,
     ) -> Network {
@@ -77,6 +83,7 @@ impl Network {
                 clients: Mutex::default(),
                 metrics: OursSource::default(),
                 keys,
+                muted: Muted::default(),
             }),
         }
     }
@@ -86,12 +93,12 @@ impl Network {
         let _ = self.inner.metrics.set(metrics);
     }
 
-    /// The shared client for `target`, if it is a configured peer.
+    /// The shared client for `target`, if it is a known peer ([`Peers`]).
     ///
-    /// Addresses come from the local configuration, not from the membership
-    /// stored in the log (see [`Node`]).
+    /// Addresses come from the local configuration where it names the peer, else from the
+    /// membership (see [`Node`]).
     pub fn client(&self, target: NodeId) -> Option<HedgedClient> {
-        let peer = self.inner.peers.get(&target)?;
+        let peer = self.inner.peers.get(target)?;
         let mut clients = lock(&self.inner.clients);
         let c = clients.entry(target).or_insert_with(|| {
             let lane = || {
@@ -101,6 +108,7 @@ impl Network {
                     target,
                     peer.clone(),
                     self.inner.keys.clone(),
+                    RPC_TIMEOUT,
                 )
             };
             HedgedClient {
@@ -136,6 +144,37 @@ impl Network {
         }
     }
 
+    /// Forwards a membership change to `target` (the leader) on a connection of its own (a
+    /// change may take seconds, and must neither hold up heartbeats nor be hedged: it is not
+    /// idempotent); waits at most `limit`.
+    pub async fn send_members(
+        &self,
+        target: NodeId,
+        change: Change,
+        limit: Duration,
+    ) -> Result<Result<String, ChangeError>, String> {
+        let peer = self
+            .inner
+            .peers
+            .get(target)
+            .ok_or_else(|| format!("node {target:#x} is not a known peer"))?;
+        let client = PeerClient::spawn(
+            self.inner.me,
+            self.inner.local_ip,
+            target,
+            peer,
+            self.inner.keys.clone(),
+            limit,
+        );
+        match tokio::time::timeout(limit, client.call(Request::Members(change))).await {
+            Err(_) => Err(format!("no answer within {limit:?}")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(Response::Members(r))) => Ok(r),
+            Ok(Ok(Response::Error(e))) => Err(clip(&e)),
+            Ok(Ok(other)) => Err(format!("unexpected answer {}", other.kind())),
+        }
+    }
+
     /// Asks `target` whether it would vote for us now ([`Request::PreVote`]); no answer
     /// within `limit`, or any error, counts as no.
     pub async fn send_pre_vote(
@@ -154,6 +193,19 @@ impl Network {
         )
     }
 
+    /// Stops sending appends (heartbeats included) to `ids` until [`Network::unmute`]: their
+    /// leader lease then runs out while the others keep ours alive. A leader about to be
+    /// removed from a cluster of four or more voters does this so that its successor finds the
+    /// votes it needs at once (see `membership`).
+    pub fn mute(&self, ids: &BTreeSet<NodeId>) {
+        lock(&self.inner.muted).extend(ids);
+    }
+
+    /// Sends appends to every follower again.
+    pub fn unmute(&self) {
+        lock(&self.inner.muted).clear();
+    }
+
     /// Closes every outgoing connection (their tasks end when the clients drop).
     pub fn close(&self) {
         lock(&self.inner.clients).clear();
@@ -163,18 +215,21 @@ impl Network {
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConnection;
 
-    async fn new_client(&mut self, target: NodeId, _node: &Node) -> PeerConnection {
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerConnection {
+        // A member added by `members add` is in no config file: the membership names it.
+        self.inner.peers.learn(target, node);
         PeerConnection {
             target,
             name: self
                 .inner
                 .peers
-                .get(&target)
-                .map(|p| PeerName(p).to_string())
+                .get(target)
+                .map(|p| PeerName(&p).to_string())
                 .unwrap_or_else(|| format!("{target:#x}")),
             client: self.client(target),
             backoff: self.inner.backoff,
             ours: self.inner.metrics.clone(),
+            muted: self.inner.muted.clone(),
         }
     }
 }
@@ -189,6 +244,8 @@ pub struct PeerConnection {
     backoff: Duration,
     /// Reference point for checking answers.
     ours: OursSource,
+    /// Followers muted by [`Network::mute`].
+    muted: Muted,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, Node, RaftError<NodeId, E>>;
@@ -293,6 +350,10 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        if lock(&self.muted).contains(&self.target) {
+            let e = io::Error::other("muted for a planned handover");
+            return Err(RPCError::Unreachable(Unreachable::new(&e)));
+        }
         match self.call(Request::AppendEntries(rpc)).await {
             Ok(Response::AppendEntries(Ok(r))) => {
                 self.check_answer("AppendEntries", |o| match &r {

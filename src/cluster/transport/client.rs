@@ -124,6 +124,7 @@ impl PeerClient {
         target: NodeId,
         peer: PeerInfo,
         keys: Option<Arc<SharedKeys>>,
+        rpc_timeout: Duration,
     ) -> PeerClient {
         let (tx, rx) = mpsc::unbounded_channel();
         let last_answer = LastAnswer::default();
@@ -134,6 +135,7 @@ impl PeerClient {
                 target,
                 peer,
                 keys,
+                rpc_timeout,
             },
             rx,
             last_answer.clone(),
@@ -184,6 +186,9 @@ struct Dialer {
     target: NodeId,
     peer: PeerInfo,
     keys: Option<Arc<SharedKeys>>,
+    /// An answer later than this means the connection is dead ([`RPC_TIMEOUT`] for Raft
+    /// traffic; longer for a forwarded membership change, which has a connection of its own).
+    rpc_timeout: Duration,
 }
 
 async fn connect(d: &Dialer, last_answer: &LastAnswer) -> Result<Conn, DialError> {
@@ -271,10 +276,11 @@ async fn peer_task(d: Dialer, mut rx: mpsc::UnboundedReceiver<Call>, last_answer
             },
             _ = liveness.tick() => {
                 if let Some(c) = &conn {
-                    if c.oldest_pending().is_some_and(|age| age > RPC_TIMEOUT) {
+                    if c.oldest_pending().is_some_and(|age| age > d.rpc_timeout) {
                         log::warn!(
-                            "no answer from peer {} for {RPC_TIMEOUT:?}; dropping the connection",
-                            PeerName(peer)
+                            "no answer from peer {} for {:?}; dropping the connection",
+                            PeerName(peer),
+                            d.rpc_timeout
                         );
                         conn = None;
                     }

@@ -27,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 #[cfg(doc)]
 use crate::cluster::auth::KEYED_VERSION;
 use crate::cluster::auth::{BadTag, FrameMac};
+use crate::cluster::membership::{Change, ChangeError};
 use crate::cluster::types::{Node, NodeId, TypeConfig};
 
 /// Largest accepted frame payload, in bytes.
@@ -95,6 +96,10 @@ pub enum Request {
         /// Index of the asker's last log entry.
         last_log_index: Option<u64>,
     },
+    /// A membership change forwarded by a voter to the leader (`kube-vip members add/remove`
+    /// run on a follower); sent on a connection of its own, never hedged. The receiver checks
+    /// the sender is a voter and the change against [`crate::cluster::membership::Change::check`].
+    Members(Change),
 }
 
 /// Messages sent back by the listening side.
@@ -123,6 +128,8 @@ pub enum Response {
     Handover(Result<(), String>),
     /// Answer to [`Request::PreVote`]: whether a real vote would be considered now.
     PreVote(bool),
+    /// Answer to [`Request::Members`]: what was done, or why not (and whether to retry).
+    Members(Result<String, ChangeError>),
     /// The request was refused; the listener closes the connection after this.
     Error(String),
 }
@@ -248,6 +255,7 @@ impl Request {
             Request::FullSnapshot { .. } => "FullSnapshot",
             Request::Handover { .. } => "Handover",
             Request::PreVote { .. } => "PreVote",
+            Request::Members(_) => "Members",
         }
     }
 }
@@ -263,6 +271,7 @@ impl Response {
             Response::FullSnapshot(_) => "FullSnapshot",
             Response::Handover(_) => "Handover",
             Response::PreVote(_) => "PreVote",
+            Response::Members(_) => "Members",
             Response::Error(_) => "Error",
         }
     }

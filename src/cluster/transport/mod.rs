@@ -18,12 +18,13 @@ pub mod server;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::net::SocketAddr;
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 
 pub use adapter::Network;
 pub use server::{serve, Server};
 
-use crate::cluster::types::{NodeId, PeerInfo};
+use crate::cluster::types::{Node, NodeId, PeerInfo};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -31,6 +32,69 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// All configured peers (local node included), by node id.
 pub type PeerMap = BTreeMap<NodeId, PeerInfo>;
+
+/// Whom this node can name, dial and accept: the configured peers (`localPeer`,
+/// `remotePeers`) plus every node the Raft membership has named since start (a node added by
+/// `kube-vip members add` is in no other node's config file). Configured addresses win over the
+/// ones recorded in the membership (see [`Node`]). Whether a known peer may *vote* is a
+/// separate question, answered by the current membership (`transport::server`).
+#[derive(Debug, Default)]
+pub struct Peers {
+    map: RwLock<PeerMap>,
+}
+
+impl Peers {
+    /// The configured peers.
+    pub fn new(map: PeerMap) -> Peers {
+        Peers {
+            map: RwLock::new(map),
+        }
+    }
+
+    /// One peer, if known.
+    pub fn get(&self, id: NodeId) -> Option<PeerInfo> {
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .cloned()
+    }
+
+    /// A copy of every known peer (for the handshake, which checks one caller against it).
+    pub fn snapshot(&self) -> PeerMap {
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Learns a member named by the membership, unless known already; `false` if its recorded
+    /// address is not `ip:port` (then it cannot be dialed, and stays unknown).
+    pub fn learn(&self, id: NodeId, node: &Node) -> bool {
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        if map.contains_key(&id) {
+            return true;
+        }
+        match node.addr.parse::<SocketAddr>() {
+            Ok(addr) => {
+                log::info!(
+                    "learned member {} at {addr} from the membership",
+                    node.peer_id
+                );
+                crate::metrics::get().peer_learned(&node.peer_id, addr);
+                map.insert(
+                    id,
+                    PeerInfo {
+                        id: node.peer_id.clone(),
+                        addr,
+                    },
+                );
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
 
 /// How to name a peer in log lines: `server2 (127.0.0.2:10002)`.
 struct PeerName<'a>(&'a PeerInfo);

@@ -1,7 +1,7 @@
 //! The listening side: accept (with connection limits), handshake, then answer requests in
 //! order, each checked against [`bounds`] before openraft sees it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, Cursor};
 use std::net::{IpAddr, SocketAddr};
@@ -19,13 +19,14 @@ use tokio::task::{self, AbortHandle, JoinSet};
 use super::client::RPC_TIMEOUT;
 use super::codec::{read_frame, write_frame, Frame, FrameError, Request, Response};
 use super::handshake::{self, Refused};
-use super::PeerMap;
+use super::Peers;
 use crate::cluster::auth::{FrameMac, SharedKeys};
 use crate::cluster::bounds::{self, Ours, OutOfBounds};
 use crate::cluster::counters;
 use crate::cluster::elections::LeaderContact;
 use crate::cluster::gate::VoteGate;
 use crate::cluster::lograte::{self, LogRate, PerSource};
+use crate::cluster::membership::{self, Admin};
 use crate::cluster::types::{NodeId, Raft};
 
 /// An inbound connection that carries no frame for this long is closed.
@@ -142,8 +143,13 @@ pub struct Server {
     pub raft: Raft,
     /// Our node id.
     pub me: NodeId,
-    /// Configured peers, to identify who connects.
-    pub peers: Arc<PeerMap>,
+    /// Known peers (configured, and named by the membership), to identify who connects.
+    pub peers: Arc<Peers>,
+    /// Answers membership changes forwarded by other members.
+    pub admin: Admin,
+    /// The peers of the config file: the voters as long as this node has no membership at
+    /// all (a brand-new cluster's first election, before any entry reached this node).
+    pub configured: BTreeSet<NodeId>,
     /// Votes are refused before this instant (see [`refuse_vote`]).
     pub no_votes_until: tokio::time::Instant,
     /// Votes are refused while this node's VIP may be up.
@@ -181,7 +187,7 @@ impl fmt::Display for Remote {
 }
 
 async fn serve_conn(sock: TcpStream, addr: SocketAddr, server: Arc<Server>) {
-    let (me, peers) = (server.me, &server.peers);
+    let (me, peers) = (server.me, server.peers.snapshot());
     let mut remote = Remote { addr, peer: None };
     if let Err(e) = sock.set_nodelay(true) {
         log::debug!("set TCP_NODELAY for {remote}: {e}");
@@ -191,7 +197,7 @@ async fn serve_conn(sock: TcpStream, addr: SocketAddr, server: Arc<Server>) {
     let ring = server.keys.as_ref().map(|k| k.current());
     let keys = ring.as_deref();
     let (from, mut session) =
-        match handshake::server_hello(&mut rd, &mut wr, addr, me, peers, keys).await {
+        match handshake::server_hello(&mut rd, &mut wr, addr, me, &peers, keys).await {
             Ok(ok) => ok,
             Err(Refused::Auth(why)) => {
                 if let Some(held) = server.auth_log.allow(addr.ip()) {
@@ -296,7 +302,12 @@ async fn handle_request(server: &Server, from: NodeId, req: Request, remote: &Re
                 })
                 .await
         }
-        Request::PreVote { last_log_index } => Response::PreVote(pre_vote(server, last_log_index)),
+        Request::PreVote { last_log_index } => Response::PreVote(
+            is_voter(server, from, "pre-vote", remote) && pre_vote(server, last_log_index),
+        ),
+        Request::Vote(_) if !is_voter(server, from, "vote", remote) => {
+            Response::Vote(Ok(refuse_vote(raft)))
+        }
         Request::Vote(r) if tokio::time::Instant::now() < server.no_votes_until => {
             log::info!("refusing vote for {} from {remote}: just started", r.vote);
             Response::Vote(Ok(refuse_vote(raft)))
@@ -346,6 +357,9 @@ async fn handle_request(server: &Server, from: NodeId, req: Request, remote: &Re
                 })
                 .await
         }
+        Request::Members(change) => {
+            Response::Members(server.admin.serve_forwarded(from, change).await)
+        }
         Request::Handover { from: leader } => {
             Response::Handover(start_handover_election(raft, me, from, leader, remote).await)
         }
@@ -390,8 +404,36 @@ fn check_request(req: &Request, ours: Ours, from: NodeId) -> Result<(), OutOfBou
         Request::Hello { .. }
         | Request::Auth { .. }
         | Request::Handover { .. }
-        | Request::PreVote { .. } => Ok(()),
+        | Request::PreVote { .. }
+        | Request::Members(_) => Ok(()),
     }
+}
+
+/// Whether `from` is a voter of this node's current membership (either half of a joint one).
+/// Votes and pre-votes from anyone else are refused before openraft sees them: a removed node
+/// that missed its removal still believes it votes, and its higher term would otherwise depose
+/// a healthy leader; a node that is not a member yet has no say either. A node with no
+/// membership at all (fresh state) counts the peers of its config file instead, as the
+/// bootstrap node does when it writes the first membership. Logged at most once per
+/// [`lograte`] window.
+fn is_voter(server: &Server, from: NodeId, what: &str, remote: &Remote) -> bool {
+    let m = server.raft.metrics().borrow().clone();
+    let voter = if m.membership_config.membership().nodes().next().is_none() {
+        server.configured.contains(&from)
+    } else {
+        membership::voters(&m).contains(&from)
+    };
+    if voter {
+        return true;
+    }
+    if let Some(held) = server.frame_log.allow() {
+        log::warn!(
+            "refusing {what} from {remote}: not a voter of the current membership (removed, or \
+             not added yet){}",
+            lograte::suppressed(held)
+        );
+    }
+    false
 }
 
 /// Answers a pre-vote: yes only if this node would consider a real vote now — it is not the
