@@ -12,6 +12,9 @@
 #
 # Every VM gets a config disk (image/make-config-disk) and a state disk
 # (image/make-state-disk) in $KV_WORKDIR, so a rebooted node keeps its Raft vote.
+# VMs boot as qemu/lib.sh's KV_BOOT says (kernel, or the disk image through
+# firmware); the config disks open the command channel (-t ttyS1, see
+# KVC_CONFIG_DISK_ARGS), so vm_exec works either way.
 
 KVC_NET=$KV_SUBNET
 KVC_VIP=$KVC_NET.100
@@ -19,6 +22,10 @@ KVC_CLIENT_IP=$KVC_NET.2
 KVC_BACKEND_IPS=("$KVC_NET.21" "$KVC_NET.22" "$KVC_NET.23")
 KVC_VM_IPS=(unused "$KVC_NET.11" "$KVC_NET.12" "$KVC_NET.13")
 KVC_CERTS=''
+# Extra image/make-config-disk options for every config disk of the cluster:
+# the command channel on ttyS1, which a firmware boot (KV_BOOT=disk) cannot
+# get from the kernel command line.
+KVC_CONFIG_DISK_ARGS=(-t ttyS1)
 
 # kvc_network: switch, client, backends (three stand-in apiservers in one
 # namespace, answering on :6444 with their names), test CA.
@@ -84,7 +91,7 @@ kvc_disks() {
 		kvc_config "$i" >"$cfg"
 	fi
 	"$KV_REPO/image/make-config-disk" -c "$cfg" -a "${KVC_VM_IPS[$i]}/24" -i eth0 -n "vm$i" \
-		${KVC_PEER_KEY:+-k "$KVC_PEER_KEY"} -o "$img" >/dev/null
+		${KVC_PEER_KEY:+-k "$KVC_PEER_KEY"} "${KVC_CONFIG_DISK_ARGS[@]}" -o "$img" >/dev/null
 	"$KV_REPO/image/make-state-disk" -o "$KV_WORKDIR/vm$i-state.img" >/dev/null
 	echo "$img"
 }

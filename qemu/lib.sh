@@ -39,6 +39,20 @@
 #                          from qemu-system-data) when present: it hands over
 #                          to the kernel ~0.4 s sooner than SeaBIOS under TCG.
 #                          Empty: QEMU's default (SeaBIOS).
+#   KV_BOOT                kernel (default): QEMU loads KV_KERNEL + KV_INITRD
+#                          itself (-kernel/-initrd/-append); disk: the firmware
+#                          boots KV_BOOT_IMAGE as the VM's first virtio disk (a
+#                          qcow2 overlay per VM in the work directory, so each VM
+#                          has its own disk, as on a hypervisor); cdrom: the
+#                          firmware boots KV_BOOT_IMAGE as a CD (SATA, read-only).
+#                          Firmware boots have the image's fixed command line, so
+#                          the command channel (vm_exec) needs a config disk made
+#                          with `image/make-config-disk -t ttyS1`.
+#   KV_BOOT_IMAGE          default image/out/kube-vip-appliance.qcow2 (disk) or
+#                          .iso (cdrom); a raw .img or an .iso works as a disk too
+#   KV_FIRMWARE            for disk/cdrom boots: bios (SeaBIOS, QEMU's own;
+#                          qboot cannot boot disks) or uefi (OVMF,
+#                          /usr/share/ovmf/OVMF.fd); default bios
 #   KV_KEEP_WORKDIR=1      keep logs even after a successful run
 #   KV_SUBNET              first three octets of the test subnet (default 10.213.0)
 #   KV_LOG_FILE            if set, kv_log lines go there instead of stderr
@@ -57,6 +71,14 @@ if [[ -z ${KV_QEMU_BIOS+set} && -r /usr/share/qemu/qboot.rom ]]; then
 	KV_QEMU_BIOS=/usr/share/qemu/qboot.rom
 fi
 KV_QEMU_BIOS=${KV_QEMU_BIOS:-}
+KV_BOOT=${KV_BOOT:-kernel}
+KV_FIRMWARE=${KV_FIRMWARE:-bios}
+case $KV_BOOT in
+disk) KV_BOOT_IMAGE=${KV_BOOT_IMAGE:-$KV_REPO/image/out/kube-vip-appliance.qcow2} ;;
+cdrom) KV_BOOT_IMAGE=${KV_BOOT_IMAGE:-$KV_REPO/image/out/kube-vip-appliance.iso} ;;
+*) KV_BOOT_IMAGE=${KV_BOOT_IMAGE:-} ;;
+esac
+KV_OVMF=/usr/share/ovmf/OVMF.fd
 KV_NS_SW="kvsw-$KV_RUN_ID"
 KV_WORKDIR=''
 KV_NAMESPACES=()
@@ -99,6 +121,16 @@ kv_init() {
 		PATH=/usr/local/lib/kube-vip-tools/bin:$PATH
 	fi
 	need qemu-system-x86_64 ip curl openssl python3 kubectl mke2fs ping cpio
+	case $KV_BOOT in
+	kernel) ;;
+	disk | cdrom) need qemu-img ;;
+	*) kv_die "KV_BOOT=$KV_BOOT: want kernel, disk or cdrom" ;;
+	esac
+	case $KV_FIRMWARE in
+	bios) ;;
+	uefi) need /usr/share/ovmf/OVMF.fd ;;
+	*) kv_die "KV_FIRMWARE=$KV_FIRMWARE: want bios or uefi" ;;
+	esac
 	KV_PYTHON=${KV_PYTHON:-$(command -v /usr/bin/python3 || command -v python3)}
 	KV_WORKDIR=$(mktemp -d "/tmp/kube-vip-qemu.$KV_RUN_ID.XXXXXX")
 	# A script that dies under set -e says where (the ERR trap, inherited by
@@ -221,7 +253,7 @@ kv_vm_state_disk() {
 }
 
 # kv_vm_start VM CONFIG_DISK [QEMU_ARGS...]: tap "t-VM" on br0 and a VM with
-# the appliance kernel+initramfs, CONFIG_DISK as read-only virtio disk (pass ""
+# the appliance kernel+initramfs (or its boot image: KV_BOOT), CONFIG_DISK as read-only virtio disk (pass ""
 # for none), the state disk if one was given (kv_vm_state_disk), console
 # (ttyS0) into $KV_WORKDIR/VM.console and the command channel (ttyS1, see
 # vm_exec) on a unix socket. Returns at once; follow the boot with
@@ -232,8 +264,12 @@ kv_vm_start() {
 	local vm=$1 disk=$2 idx mac cmdline log
 	shift 2
 	[[ $vm =~ ^[a-z0-9]{1,10}$ ]] || kv_die "VM name '$vm': use 1-10 of [a-z0-9]"
-	[[ -r $KV_KERNEL && -r $KV_INITRD ]] ||
-		kv_die "no appliance image ($KV_KERNEL, $KV_INITRD): run image/build first"
+	if [[ $KV_BOOT == kernel ]]; then
+		[[ -r $KV_KERNEL && -r $KV_INITRD ]] ||
+			kv_die "no appliance image ($KV_KERNEL, $KV_INITRD): run image/build first"
+	else
+		[[ -r $KV_BOOT_IMAGE ]] || kv_die "no boot image $KV_BOOT_IMAGE: run image/build first"
+	fi
 	[[ -z $disk || -r $disk ]] || kv_die "config disk $disk not readable"
 	log=$KV_WORKDIR/$vm.console
 	if [[ -n ${KV_VM_MAC[$vm]:-} ]]; then
@@ -259,14 +295,13 @@ kv_vm_start() {
 	local -a args=(
 		-name "$vm" -machine "$KV_QEMU_MACHINE" -accel "$KV_QEMU_ACCEL" -cpu max -smp 1 -m "$KV_VM_MEM"
 		-nodefaults -no-user-config -display none -no-reboot
-		-kernel "$KV_KERNEL" -initrd "$KV_INITRD" -append "$cmdline"
 		-chardev "file,id=con,path=$log,append=on" -serial chardev:con
 		-chardev "socket,id=ctl,path=$KV_WORKDIR/$vm.ctl,server=on,wait=off" -serial chardev:ctl
 		-monitor "unix:$KV_WORKDIR/$vm.mon,server=on,wait=off"
 		-netdev "tap,id=n0,ifname=t-$vm,script=no,downscript=no"
 		-device "virtio-net-pci,netdev=n0,mac=$mac"
 	)
-	[[ -z $KV_QEMU_BIOS ]] || args+=(-bios "$KV_QEMU_BIOS")
+	kv_boot_args "$vm" "$cmdline"
 	[[ -z $disk ]] || args+=(-drive "file=$disk,format=raw,if=virtio,readonly=on")
 	# Written by the guest; QEMU flushes to the file when the guest flushes
 	# (fsync), so what kube-vip made durable survives even poweroff -f.
@@ -279,7 +314,36 @@ kv_vm_start() {
 	# catch it truncated and take a running VM for dead.
 	echo "$!" >"$KV_WORKDIR/$vm.pid.tmp"
 	mv -f "$KV_WORKDIR/$vm.pid.tmp" "$KV_WORKDIR/$vm.pid"
-	kv_log "$vm: QEMU started (mac $mac, config disk ${disk:-none}, state disk ${KV_VM_STATE[$vm]:-none})"
+	kv_log "$vm: QEMU started (mac $mac, config disk ${disk:-none}, state disk ${KV_VM_STATE[$vm]:-none}, boot $KV_BOOT${KV_BOOT_IMAGE:+ $(basename "$KV_BOOT_IMAGE") $KV_FIRMWARE})"
+}
+
+# kv_boot_args VM CMDLINE: add how VM boots (KV_BOOT, KV_FIRMWARE) to the
+# caller's args array. The boot device comes first in the boot order
+# (bootindex=0); config and state disks are virtio disks after it.
+kv_boot_args() {
+	local vm=$1 cmdline=$2 disk fmt
+	if [[ $KV_BOOT == kernel ]]; then
+		args+=(-kernel "$KV_KERNEL" -initrd "$KV_INITRD" -append "$cmdline")
+		[[ -z $KV_QEMU_BIOS ]] || args+=(-bios "$KV_QEMU_BIOS")
+		return 0
+	fi
+	[[ -z ${KV_CMDLINE_EXTRA:-} ]] || kv_log "$vm: KV_CMDLINE_EXTRA is ignored: a $KV_BOOT boot has the image's own command line"
+	[[ $KV_FIRMWARE == bios ]] || args+=(-bios "$KV_OVMF")
+	if [[ $KV_BOOT == cdrom ]]; then
+		args+=(-drive "if=none,id=boot,media=cdrom,readonly=on,format=raw,file=$KV_BOOT_IMAGE"
+			-device "ide-cd,drive=boot,bus=ide.0,bootindex=0")
+		return 0
+	fi
+	# The VM's own disk: a qcow2 overlay on the image, made at its first boot
+	# and kept across reboots (like a disk a hypervisor copied for it).
+	disk=$KV_WORKDIR/$vm-boot.qcow2
+	if [[ ! -e $disk ]]; then
+		fmt=raw
+		[[ $KV_BOOT_IMAGE != *.qcow2 ]] || fmt=qcow2
+		qemu-img create -q -f qcow2 -F "$fmt" -b "$(realpath "$KV_BOOT_IMAGE")" "$disk" ||
+			kv_die "cannot make $disk on $KV_BOOT_IMAGE"
+	fi
+	args+=(-drive "if=none,id=boot,format=qcow2,file=$disk" -device "virtio-blk-pci,drive=boot,bootindex=0")
 }
 
 # kv_vm_mac VM: VM's MAC address.

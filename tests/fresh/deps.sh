@@ -33,7 +33,7 @@ T0=$(now_ms)
 needs_in() {
   awk '$1 == "need" && FILENAME !~ /tests\/lib\.sh$/ {
          out = FILENAME
-         for (i = 2; i <= NF && $i !~ /^#/; i++) if ($i ~ /^[A-Za-z0-9._+-]+$/) out = out " " $i
+         for (i = 2; i <= NF && $i !~ /^#/; i++) if ($i ~ /^[A-Za-z0-9._+\/-]+$/) out = out " " $i
          print out }' "$@"
 }
 files=$(cd "$ROOT" && grep -rlE '^\s*need [A-Za-z]' tests qemu scripts bench image 2>/dev/null || true)
