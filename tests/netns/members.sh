@@ -180,6 +180,7 @@ check "... with 'server9 is not a member'" said 'server9 is not a member'
 # --- server3..5 fail over on their own after kill -9 of the holder
 H=$(holders)
 start_sampler kill
+sleep 0.3 # the sampler's first sample must come before the kill (enough_samples)
 t_kill=$(now_ms)
 stop_node "$H" KILL
 other_holds() { local h; h=$(holders | tr ' ' '\n' | grep -vx "$H" || true); [[ $h =~ ^[345]$ ]]; }
