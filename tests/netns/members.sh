@@ -197,7 +197,7 @@ check "kill -9: no sample saw two live holders" never_two_live kill "${NODE_NS[$
 # The dead voter's last answer must be older than the leader's 1 s "up" window.
 sleep 1.2
 LIVE=$(holders | tr ' ' '\n' | grep -vx "$H" | head -1)
-OTHER=$(for i in 3 4 5; do [ "$i" != "$H" ] && [ "$i" != "$LIVE" ] && echo "$i"; done)
+OTHER=$(for i in 3 4 5; do if [ "$i" != "$H" ] && [ "$i" != "$LIVE" ]; then echo "$i"; fi; done)
 check "removing a live voter while another is dead is refused" fails asked "$LIVE" remove --id "server$OTHER"
 show
 check "... because of the quorum" said 'fewer than the 2 a quorum needs'
@@ -232,7 +232,7 @@ L=$(leader_of "$LIVE")
 check "a leader is known ($L)" test -n "$L"
 learner_caught_up() { grep -q 'server6 joined as a learner\|is a learner' "$WORK/node6.log"; }
 check "server6 is a learner that has caught up" wait_until 5 learner_caught_up
-F=$(for i in 3 4 5; do [ "$i" != "$L" ] && echo "$i"; done | tr '\n' ' ')
+F=$(for i in 3 4 5; do if [ "$i" != "$L" ]; then echo "$i"; fi; done | tr '\n' ' ')
 mL=$(log_mark "$L")
 for i in $F; do kill -STOP "${NODE_PID[$i]}"; done
 members add --id server6 --address 10.88.0.16:10000 -c "$WORK/node$L.yaml" > "$WORK/joint.out" 2>&1 &
