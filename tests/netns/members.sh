@@ -262,6 +262,28 @@ asked "$F1" list || true
 show
 check "after the mid-change kill: exactly one holder" wait_until 5 one_holder
 
+# --- a node removed while it was down (dead for good, then back with its old state): its log
+# never got the removal, so it believes it still votes; the members refuse its pre-votes and
+# votes, and it never holds the VIP
+L=$(leader_of "$F1")
+followers=$(members list -o json -c "$WORK/node$F1.yaml" | python3 -c 'import json,sys; print(" ".join(x["id"][6:] for x in json.load(sys.stdin)["members"] if x["role"] == "voter" and not x["leader"]))')
+X=${followers%% *}
+Y=$(echo "$followers" | tr ' ' '\n' | grep -vx "$X" | head -1)
+echo "#   leader server$L; removing server$X while down, asking server$Y"
+stop_node "$X" KILL
+sleep 1.2
+check "remove server$X while it is down (asked on server$Y)" asked "$Y" remove --id "server$X"
+show
+start_sampler back
+mY=$(log_mark "$Y"); mL=$(log_mark "$L")
+start_node "$X"
+sleep 3
+stop_sampler back
+check "server$X, back with the state that missed its removal, never held the VIP" never_held_by back "${NODE_NS[$X]}"
+check "... the others kept exactly one holder" one_holder
+refused_by_members() { log_since "$Y" "$mY" "refusing pre-vote from ${NODE_IP[$X]}:.*not a voter" || log_since "$L" "$mL" "refusing pre-vote from ${NODE_IP[$X]}:.*not a voter"; }
+check "... the members refused its pre-votes: not a voter of the current membership" refused_by_members
+
 check "no panic in any log" bash -c "! grep -qi panick '$WORK'/node*.log"
 [ "$FAIL" -eq 0 ] || { for i in $ALL; do echo "# ---- node$i.log"; sed 's/^/#   /' "$WORK/node$i.log" 2>/dev/null | tail -40; done; }
 summary
