@@ -225,8 +225,16 @@ stop_node 1 TERM
 start_node "$H"
 check "the killed voter rejoins" wait_until 5 voters_are "$H" "3 4 5"
 member_config 6 "3 4 5" false
-asked "$LIVE" add --id server6 --address 10.88.0.16:10000 || true # not running: stays a learner
+# server6 is not running: the add waits for it to catch up (10 s), then leaves it a learner.
+members add --id server6 --address 10.88.0.16:10000 -c "$WORK/node$LIVE.yaml" > "$WORK/learner.out" 2>&1 &
+ADD=$!
+sleep 1
+check "a second change while one is in progress is refused" fails asked "$LIVE" remove --id "server$OTHER"
 show
+check "... saying a change is already in progress" said 'already in progress'
+wait "$ADD" || true
+sed 's/^/#     /' "$WORK/learner.out"
+check "an add whose node never catches up fails, saying it stays a learner" has 'stays a learner' "$WORK/learner.out"
 start_node 6
 L=$(leader_of "$LIVE")
 check "a leader is known ($L)" test -n "$L"
