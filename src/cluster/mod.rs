@@ -13,6 +13,8 @@
 //!                 ├─ bounds.rs     terms and log ids refused before openraft sees them
 //!                 ├─ counters.rs   peer-channel counters (plain atomics, for the metrics work)
 //!                 ├─ lease.rs      Raft metrics → Leadership (the timing argument lives there)
+//!                 ├─ membership.rs `kube-vip members`: add/remove through openraft, forwarded to
+//!                 │                the leader; votes counted in the current (joint) membership
 //!                 └─ openraft      elections, heartbeats, metrics
 //! ```
 //!
