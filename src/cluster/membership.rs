@@ -651,8 +651,10 @@ impl Admin {
                 "{me} led: handed leadership over to {}",
                 self.name(m, new)
             )),
-            Err(e) => ChangeError::Refused(format!(
-                "{me} leads and could not hand leadership over: {e}"
+            // A slow election may still end with another leader; either way the member that
+            // was asked tries again (for at most RETRY_FOR), at whoever leads then.
+            Err(e) => ChangeError::Retry(format!(
+                "{me} leads and could not hand leadership over yet: {e}"
             )),
         }
     }

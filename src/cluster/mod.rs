@@ -13,6 +13,8 @@
 //!                 ├─ bounds.rs     terms and log ids refused before openraft sees them
 //!                 ├─ counters.rs   peer-channel counters (plain atomics, for the metrics work)
 //!                 ├─ lease.rs      Raft metrics → Leadership (the timing argument lives there)
+//!                 ├─ membership.rs `kube-vip members`: add/remove through openraft, forwarded to
+//!                 │                the leader; votes counted in the current (joint) membership
 //!                 └─ openraft      elections, heartbeats, metrics
 //! ```
 //!
@@ -685,4 +687,85 @@ impl Handover {
 /// not flap readiness, while a follower cut off from the leader says so within about a second.
 fn ready_window(lease: Duration) -> Duration {
     (lease * 4).max(Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::membership::{Change, ChangeError};
+    use super::*;
+
+    fn settings(name: &str, port: u16, start_as_leader: bool) -> ClusterSettings {
+        let dir = std::env::temp_dir().join(format!(
+            "kube-vip-members-test-{name}-{}",
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        ClusterSettings {
+            local: PeerInfo {
+                id: name.into(),
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            },
+            remotes: vec![],
+            start_as_leader,
+            heartbeat_ms: 20,
+            election_timeout_min_ms: 80,
+            election_timeout_max_ms: 120,
+            state_dir: dir,
+            keys: None,
+        }
+    }
+
+    /// A real one-node cluster (Raft on loopback): the refusals that need no second node.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refusals_of_a_lone_voter_and_of_a_non_member() {
+        let s = settings("solo", 0, true);
+        let dir = s.state_dir.clone();
+        let solo = Cluster::start(s, Arc::default()).await.expect("start");
+        let mut rx = solo.raft.metrics();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|m| m.state == ServerState::Leader),
+        )
+        .await
+        .expect("a lone voter leads within 5 s")
+        .expect("metrics");
+        let admin = solo.admin();
+        let list = admin.list().expect("list");
+        assert_eq!(list.members.len(), 1);
+        assert!(list.members[0].leader && list.members[0].role == "voter");
+        let e = admin
+            .change(Change::Remove { id: "solo".into() })
+            .await
+            .expect_err("last voter");
+        assert!(
+            matches!(&e, ChangeError::Refused(t) if t.contains("solo is the last voter")),
+            "{e}"
+        );
+        let e = admin
+            .change(Change::Remove {
+                id: "server9".into(),
+            })
+            .await
+            .expect_err("unknown");
+        assert_eq!(e, ChangeError::Refused("server9 is not a member".into()));
+        solo.shutdown().await;
+        let _ = fs::remove_dir_all(&dir);
+
+        // A fresh node that was never added: no membership, no say.
+        let s = settings("newcomer", 0, false);
+        let dir = s.state_dir.clone();
+        let fresh = Cluster::start(s, Arc::default()).await.expect("start");
+        let admin = fresh.admin();
+        assert!(admin
+            .list()
+            .expect_err("not a member")
+            .contains("not a member of any cluster yet"));
+        let e = admin
+            .change(Change::Remove { id: "solo".into() })
+            .await
+            .expect_err("non-member");
+        assert!(e.to_string().contains("not a voting member"), "{e}");
+        fresh.shutdown().await;
+        let _ = fs::remove_dir_all(&dir);
+    }
 }

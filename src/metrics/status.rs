@@ -511,6 +511,29 @@ mod tests {
             r#"{"command":"status"}"#
         );
         assert!(serde_json::from_str::<Request>(r#"{"command":"reboot"}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&Request::Members).expect("json"),
+            r#"{"command":"members"}"#
+        );
+        let change = r#"{"command":"change","change":{"op":"add","id":"server4","address":"10.0.0.4:10000"}}"#;
+        assert_eq!(
+            serde_json::from_str::<Request>(change).expect("change"),
+            Request::Change {
+                change: Change::Add {
+                    id: "server4".into(),
+                    address: "10.0.0.4:10000".parse().expect("addr"),
+                }
+            }
+        );
+        // An unknown change or an address that is not ip:port is refused at the door.
+        assert!(serde_json::from_str::<Request>(
+            r#"{"command":"change","change":{"op":"wipe","id":"server4"}}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<Request>(
+            r#"{"command":"change","change":{"op":"add","id":"s","address":"nowhere"}}"#
+        )
+        .is_err());
         let e = serde_json::to_string(&Reply::Error("x".into())).expect("json");
         assert_eq!(e, r#"{"error":"x"}"#);
     }

@@ -180,6 +180,7 @@ check "... with 'server9 is not a member'" said 'server9 is not a member'
 # --- server3..5 fail over on their own after kill -9 of the holder
 H=$(holders)
 start_sampler kill
+sleep 0.3 # the sampler's first sample must come before the kill (enough_samples)
 t_kill=$(now_ms)
 stop_node "$H" KILL
 other_holds() { local h; h=$(holders | tr ' ' '\n' | grep -vx "$H" || true); [[ $h =~ ^[345]$ ]]; }
@@ -196,7 +197,7 @@ check "kill -9: no sample saw two live holders" never_two_live kill "${NODE_NS[$
 # The dead voter's last answer must be older than the leader's 1 s "up" window.
 sleep 1.2
 LIVE=$(holders | tr ' ' '\n' | grep -vx "$H" | head -1)
-OTHER=$(for i in 3 4 5; do [ "$i" != "$H" ] && [ "$i" != "$LIVE" ] && echo "$i"; done)
+OTHER=$(for i in 3 4 5; do if [ "$i" != "$H" ] && [ "$i" != "$LIVE" ]; then echo "$i"; fi; done)
 check "removing a live voter while another is dead is refused" fails asked "$LIVE" remove --id "server$OTHER"
 show
 check "... because of the quorum" said 'fewer than the 2 a quorum needs'
@@ -224,14 +225,22 @@ stop_node 1 TERM
 start_node "$H"
 check "the killed voter rejoins" wait_until 5 voters_are "$H" "3 4 5"
 member_config 6 "3 4 5" false
-asked "$LIVE" add --id server6 --address 10.88.0.16:10000 || true # not running: stays a learner
+# server6 is not running: the add waits for it to catch up (10 s), then leaves it a learner.
+members add --id server6 --address 10.88.0.16:10000 -c "$WORK/node$LIVE.yaml" > "$WORK/learner.out" 2>&1 &
+ADD=$!
+sleep 1
+check "a second change while one is in progress is refused" fails asked "$LIVE" remove --id "server$OTHER"
 show
+check "... saying a change is already in progress" said 'already in progress'
+wait "$ADD" || true
+sed 's/^/#     /' "$WORK/learner.out"
+check "an add whose node never catches up fails, saying it stays a learner" has 'stays a learner' "$WORK/learner.out"
 start_node 6
 L=$(leader_of "$LIVE")
 check "a leader is known ($L)" test -n "$L"
 learner_caught_up() { grep -q 'server6 joined as a learner\|is a learner' "$WORK/node6.log"; }
 check "server6 is a learner that has caught up" wait_until 5 learner_caught_up
-F=$(for i in 3 4 5; do [ "$i" != "$L" ] && echo "$i"; done | tr '\n' ' ')
+F=$(for i in 3 4 5; do if [ "$i" != "$L" ]; then echo "$i"; fi; done | tr '\n' ' ')
 mL=$(log_mark "$L")
 for i in $F; do kill -STOP "${NODE_PID[$i]}"; done
 members add --id server6 --address 10.88.0.16:10000 -c "$WORK/node$L.yaml" > "$WORK/joint.out" 2>&1 &
@@ -260,6 +269,28 @@ check "... and the killed leader, restarted, agrees too" wait_until 10 survivors
 asked "$F1" list || true
 show
 check "after the mid-change kill: exactly one holder" wait_until 5 one_holder
+
+# --- a node removed while it was down (dead for good, then back with its old state): its log
+# never got the removal, so it believes it still votes; the members refuse its pre-votes and
+# votes, and it never holds the VIP
+L=$(leader_of "$F1")
+followers=$(members list -o json -c "$WORK/node$F1.yaml" | python3 -c 'import json,sys; print(" ".join(x["id"][6:] for x in json.load(sys.stdin)["members"] if x["role"] == "voter" and not x["leader"]))')
+X=${followers%% *}
+Y=$(echo "$followers" | tr ' ' '\n' | grep -vx "$X" | head -1)
+echo "#   leader server$L; removing server$X while down, asking server$Y"
+stop_node "$X" KILL
+sleep 1.2
+check "remove server$X while it is down (asked on server$Y)" asked "$Y" remove --id "server$X"
+show
+start_sampler back
+mY=$(log_mark "$Y"); mL=$(log_mark "$L")
+start_node "$X"
+sleep 3
+stop_sampler back
+check "server$X, back with the state that missed its removal, never held the VIP" never_held_by back "${NODE_NS[$X]}"
+check "... the others kept exactly one holder" one_holder
+refused_by_members() { log_since "$Y" "$mY" "refusing pre-vote from ${NODE_IP[$X]}:.*not a voter" || log_since "$L" "$mL" "refusing pre-vote from ${NODE_IP[$X]}:.*not a voter"; }
+check "... the members refused its pre-votes: not a voter of the current membership" refused_by_members
 
 check "no panic in any log" bash -c "! grep -qi panick '$WORK'/node*.log"
 [ "$FAIL" -eq 0 ] || { for i in $ALL; do echo "# ---- node$i.log"; sed 's/^/#   /' "$WORK/node$i.log" 2>/dev/null | tail -40; done; }

@@ -169,7 +169,11 @@ impl Network {
         match tokio::time::timeout(limit, client.call(Request::Members(change))).await {
             Err(_) => Err(format!("no answer within {limit:?}")),
             Ok(Err(e)) => Err(e.to_string()),
-            Ok(Ok(Response::Members(r))) => Ok(r),
+            // The leader's text goes to a terminal and a log: clipped like anything from a peer.
+            Ok(Ok(Response::Members(r))) => Ok(r.map(|t| clip(&t)).map_err(|e| match e {
+                ChangeError::Refused(t) => ChangeError::Refused(clip(&t)),
+                ChangeError::Retry(t) => ChangeError::Retry(clip(&t)),
+            })),
             Ok(Ok(Response::Error(e))) => Err(clip(&e)),
             Ok(Ok(other)) => Err(format!("unexpected answer {}", other.kind())),
         }

@@ -42,6 +42,13 @@ fn valid_frames() -> Vec<Vec<u8>> {
         Request::PreVote {
             last_log_index: Some(u64::MAX),
         },
+        Request::Members(crate::cluster::membership::Change::Add {
+            id: "server4".into(),
+            address: "10.0.0.4:10000".parse().unwrap(),
+        }),
+        Request::Members(crate::cluster::membership::Change::Remove {
+            id: "server1".into(),
+        }),
     ];
     reqs.into_iter()
         .map(|body| encode_frame(&Frame { id: 7, body }, &mut FrameMac::none()).unwrap())
