@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::backends::Backends;
+use super::backends::{Backends, Counts};
 use super::{limits, Admission};
 use crate::metrics::BackendMetrics;
 use crate::shutdown::Shutdown;
@@ -138,6 +138,7 @@ async fn proxy(
                 ),
                 "closing that client, new ones go elsewhere",
                 connecting,
+                Counts::OncePerCooldown,
             );
         }
     }
@@ -320,6 +321,10 @@ async fn pump(
             }
         };
         if r.read == 0 {
+            if !first_must_be_tls {
+                // A close is an answer too (a TLS server closes on a hello it rejects).
+                let _ = first.set(Instant::now());
+            }
             break; // EOF from src
         }
         if !seen {
@@ -416,7 +421,12 @@ fn relay_small_in(
             spill: Vec::new(),
         });
     }
-    let tls_record = n >= 3 && buf[0] == TLS_HANDSHAKE && buf[1] == 3;
+    // A whole record (5-byte header and its length): a client that sends half a hello gets no
+    // answer from a healthy server either, and must not be able to cool backends down.
+    let tls_record = n >= 5
+        && buf[0] == TLS_HANDSHAKE
+        && buf[1] == 3
+        && n >= 5 + usize::from(u16::from_be_bytes([buf[3], buf[4]]));
     let sent = match dst.try_write(&buf[..n]) {
         Ok(w) => w,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
@@ -744,7 +754,12 @@ mod tests {
 
         let started = tokio::time::Instant::now();
         let mut mute = TcpStream::connect(addr).await.expect("connect");
-        // A TLS record header (handshake, TLS 1.0 record version) and a few bytes of hello.
+        // Half a hello (the record says 5 bytes, 2 come): no answer owed, no failure.
+        let mut half = TcpStream::connect(addr).await.expect("connect");
+        half.write_all(&[22, 3, 1, 0, 5, 1, 0])
+            .await
+            .expect("write");
+        // A whole TLS record (handshake, TLS 1.0 record version, 5 bytes of hello).
         mute.write_all(&[22, 3, 1, 0, 5, 1, 0, 0, 1, 0])
             .await
             .expect("write");
@@ -759,7 +774,8 @@ mod tests {
             "closed after {took:?}, want about 300 ms"
         );
         let failures = backend_sample("backend_connect_failures_total", "silent", backend_addr);
-        assert_eq!(failures, Some(1.0));
+        assert_eq!(failures, Some(1.0), "only the whole hello counts");
+        drop(half);
 
         // Answered once, then silent for far longer than the bound: kept open.
         let mut watch = TcpStream::connect(addr).await.expect("connect");
