@@ -60,9 +60,10 @@ pub const DEFAULT_HEALTH_FALL: u32 = 2;
 pub const DEFAULT_HEALTH_RISE: u32 = 3;
 /// Health check path for `http`/`https` checks: what kube-apiserver offers without credentials.
 pub const DEFAULT_HEALTH_PATH: &str = "/readyz";
-/// `tcp` load balancers: how long a backend may stay silent after a client's first bytes before
-/// the connection counts as failed (passive detection of a backend that accepts but never
-/// answers: a TLS server sends its ServerHello within milliseconds). Longer than the active
+/// `tcp` load balancers: how long a backend may stay silent after a client's TLS ClientHello
+/// before the connection counts as failed (passive detection of a backend that accepts but never
+/// answers: a TLS server sends its ServerHello within milliseconds; connections that do not
+/// start with a TLS handshake record are exempt). Longer than the active
 /// checks' timeout, so a backend that is only slow is caught by those first; shorter than
 /// client-go's 10 s TLS handshake timeout, so a client closed here retries within its own.
 pub const DEFAULT_FIRST_BYTE_TIMEOUT_MS: u64 = 2000;
@@ -321,7 +322,7 @@ pub struct LoadBalancer {
     /// Most proxied connections at once (default [`DEFAULT_MAX_CONNECTIONS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
-    /// `tcp`: ms a backend may stay silent after the client's first bytes, 0 = no limit
+    /// `tcp`: ms a backend may stay silent after the client's TLS ClientHello, 0 = no limit
     /// (default [`DEFAULT_FIRST_BYTE_TIMEOUT_MS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_byte_timeout_ms: Option<u64>,

@@ -121,6 +121,17 @@ pub struct Backends {
     first_byte: Option<Duration>,
 }
 
+/// Which passive failures of a backend count towards `fall` (see [`Backends::failed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counts {
+    /// Every one: a refused or timed-out connect is the backend's doing alone.
+    Every,
+    /// The first of each cooldown period only: a client has a hand in a connection that gets
+    /// no answer, so many clients at once must not be able to mark a healthy backend down
+    /// (and, with `onMarkedDown: close`, close everyone's connections to it).
+    OncePerCooldown,
+}
+
 /// No backend accepted the connection.
 #[derive(Debug, thiserror::Error)]
 #[error("all {tried} backends failed (last: {last_addr}: {last_error})")]
@@ -408,6 +419,7 @@ impl Backends {
                         format_args!("proxied connect: {e}"),
                         "trying the next one",
                         started,
+                        Counts::Every,
                     );
                     last = Some((b.addr, e));
                 }
@@ -431,7 +443,14 @@ impl Backends {
     /// `kube_vip_backend_connect_failures_total`, and with active checks it counts towards
     /// `fall` as a failed check would. Logged once per cooldown, with `then` saying what
     /// happens to the client.
-    pub fn failed(&self, i: usize, what: std::fmt::Arguments<'_>, then: &str, started: Instant) {
+    pub fn failed(
+        &self,
+        i: usize,
+        what: std::fmt::Arguments<'_>,
+        then: &str,
+        started: Instant,
+        counts: Counts,
+    ) {
         let b = &self.backends[i];
         b.metrics.connect_failed();
         let now = self.now_ms();
@@ -443,7 +462,7 @@ impl Backends {
         } else {
             debug!("[{}] backend {} still failing: {what}", self.name, b.addr);
         }
-        if self.checked {
+        if self.checked && (was_cool || counts == Counts::Every) {
             self.record(
                 i,
                 Outcome {

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::backends::Backends;
+use super::backends::{Backends, Counts};
 use super::{limits, Admission};
 use crate::metrics::BackendMetrics;
 use crate::shutdown::Shutdown;
@@ -100,8 +100,22 @@ async fn proxy(
     };
     let both = async {
         tokio::try_join!(
-            pump(&client, &server, &one_done, &mut moved.up, &first.client),
-            pump(&server, &client, &one_done, &mut moved.down, &first.backend)
+            pump(
+                &client,
+                &server,
+                &one_done,
+                &mut moved.up,
+                &first.client,
+                true
+            ),
+            pump(
+                &server,
+                &client,
+                &one_done,
+                &mut moved.down,
+                &first.backend,
+                false
+            )
         )
     };
     tokio::select! {
@@ -124,6 +138,7 @@ async fn proxy(
                 ),
                 "closing that client, new ones go elsewhere",
                 connecting,
+                Counts::OncePerCooldown,
             );
         }
     }
@@ -133,10 +148,15 @@ async fn proxy(
     );
 }
 
+/// First byte of a TLS handshake record (RFC 8446, 5.1): what a ClientHello starts with.
+const TLS_HANDSHAKE: u8 = 22;
+
 /// When each side of a connection first sent something, for [`guard`].
 #[derive(Default)]
 struct FirstBytes {
-    /// When the client's first bytes were read.
+    /// When the client's first bytes were read, if they were a TLS handshake record: only then
+    /// is an answer owed (a TLS server must answer a ClientHello; in other protocols the server
+    /// may listen without a word, as an upload's receiver does).
     client: OnceLock<Instant>,
     /// When the backend's first bytes were read.
     backend: OnceLock<Instant>,
@@ -145,10 +165,11 @@ struct FirstBytes {
 /// Watches one connection from its connect on, and completes only if the backend sent nothing
 /// for `bound` after the client's first bytes (returning how long that is): passive
 /// detection of a backend that accepts connections but never answers (a hung process whose
-/// kernel still completes handshakes; `tcp` checks pass it). Only the FIRST byte counts: once
-/// the backend has said anything, silence is legitimate (a watch may stay quiet for minutes,
-/// and a client's HTTP/2 WINDOW_UPDATE needs no answer), and a client that has sent nothing
-/// is owed nothing. Also sets keepalive and `TCP_USER_TIMEOUT` on the backend socket once
+/// kernel still completes handshakes; `tcp` checks pass it). Only TLS connections count (the
+/// client's first bytes a handshake record: kube-apiserver's traffic), and only the FIRST byte:
+/// once the backend has said anything, silence is legitimate (a watch may stay quiet for
+/// minutes, and a client's HTTP/2 WINDOW_UPDATE needs no answer), and a client that has sent
+/// nothing, or not TLS, is owed nothing. Also sets keepalive and `TCP_USER_TIMEOUT` on the backend socket once
 /// the connection has lived [`SETTLE`]. Costs one timer per connection, cancelled when the
 /// connection ends; nothing per byte.
 async fn guard(server: &TcpStream, first: &FirstBytes, bound: Option<Duration>) -> Duration {
@@ -246,13 +267,15 @@ impl Pipe {
 /// `spill` holds any that found no room there; the rest were sent already.
 struct Read {
     read: usize,
+    /// The bytes start like a TLS handshake record (content type 22, version 3.x).
+    tls_record: bool,
     parked: usize,
     spill: Vec<u8>,
 }
 
 /// Moves everything `src` sends to `dst` until `src` ends its side, then shuts down `dst`'s
 /// write half (the other direction is left alone). Notes in `first` when `src` first sent
-/// something. Adds the bytes moved to `total` as they are sent (what recv, send and splice return; nothing per byte). `one_done` is shared
+/// something (with `first_must_be_tls`, only if that was a TLS handshake record). Adds the bytes moved to `total` as they are sent (what recv, send and splice return; nothing per byte). `one_done` is shared
 /// by the two directions of a connection: the direction that ends second skips the shutdown,
 /// since both sockets are closed right after, and a close sends the FIN just the same (the
 /// socket holds no unread data: the other direction has read it to its end).
@@ -267,10 +290,12 @@ async fn pump(
     one_done: &AtomicBool,
     total: &mut u64,
     first: &OnceLock<Instant>,
+    first_must_be_tls: bool,
 ) -> io::Result<()> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut pipe: Option<Pipe> = None;
     let mut bulk = false;
+    let mut seen = false;
     loop {
         let r = match (&pipe, bulk) {
             (Some(p), true) => {
@@ -281,6 +306,7 @@ async fn pump(
                     .await?;
                 Read {
                     read: n,
+                    tls_record: false,
                     parked: n,
                     spill: Vec::new(),
                 }
@@ -295,10 +321,17 @@ async fn pump(
             }
         };
         if r.read == 0 {
+            if !first_must_be_tls {
+                // A close is an answer too (a TLS server closes on a hello it rejects).
+                let _ = first.set(Instant::now());
+            }
             break; // EOF from src
         }
-        if first.get().is_none() {
-            let _ = first.set(Instant::now());
+        if !seen {
+            seen = true;
+            if r.tls_record || !first_must_be_tls {
+                let _ = first.set(Instant::now());
+            }
         }
         *total += (r.read - r.parked - r.spill.len()) as u64;
         bulk = r.read >= SMALL_READ;
@@ -383,10 +416,17 @@ fn relay_small_in(
     if n == 0 {
         return Ok(Read {
             read: 0,
+            tls_record: false,
             parked: 0,
             spill: Vec::new(),
         });
     }
+    // A whole record (5-byte header and its length): a client that sends half a hello gets no
+    // answer from a healthy server either, and must not be able to cool backends down.
+    let tls_record = n >= 5
+        && buf[0] == TLS_HANDSHAKE
+        && buf[1] == 3
+        && n >= 5 + usize::from(u16::from_be_bytes([buf[3], buf[4]]));
     let sent = match dst.try_write(&buf[..n]) {
         Ok(w) => w,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
@@ -396,6 +436,7 @@ fn relay_small_in(
     if rest.is_empty() {
         return Ok(Read {
             read: n,
+            tls_record,
             parked: 0,
             spill: Vec::new(),
         });
@@ -415,6 +456,7 @@ fn relay_small_in(
     };
     Ok(Read {
         read: n,
+        tls_record,
         parked,
         spill: rest[parked..].to_vec(),
     })
@@ -676,29 +718,25 @@ mod tests {
         lb.stop().await;
     }
 
-    /// Passive detection: a backend that accepts but never answers the client's first bytes
-    /// loses the connection after `firstByteTimeoutMs` and counts a failure; one that answered
-    /// once may then stay silent (a watch) for as long as it likes.
+    /// Passive detection: a backend that accepts but never answers a client's TLS hello loses
+    /// the connection after `firstByteTimeoutMs` and counts a failure; one that answered once
+    /// may then stay silent (a watch) for as long as it likes, and a client that is not TLS
+    /// (an upload) is owed no answer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn silent_backend_is_cut_after_first_byte_timeout() {
         use crate::metrics::backend_sample;
         let backend = backend_listener();
         let backend_addr = backend.local_addr().expect("addr");
         tokio::spawn(async move {
-            let mut held = Vec::new();
-            let mut n = 0;
             while let Ok((mut s, _)) = backend.accept().await {
-                n += 1;
-                if n == 1 {
-                    // First connection: never answers.
-                    held.push(s);
-                    continue;
-                }
-                // Others: answer once, then read and stay silent (a watch).
+                // "GET": answer once, then read on in silence (a watch); anything else: read
+                // and never answer (a hung server, or an upload's receiver).
                 tokio::spawn(async move {
                     let mut buf = [0u8; 64];
-                    let _ = s.read(&mut buf).await;
-                    let _ = s.write_all(b"hello").await;
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if buf[..n].starts_with(b"GET") {
+                        let _ = s.write_all(b"hello").await;
+                    }
                     while let Ok(n) = s.read(&mut buf).await {
                         if n == 0 {
                             break;
@@ -716,7 +754,15 @@ mod tests {
 
         let started = tokio::time::Instant::now();
         let mut mute = TcpStream::connect(addr).await.expect("connect");
-        mute.write_all(b"ClientHello").await.expect("write");
+        // Half a hello (the record says 5 bytes, 2 come): no answer owed, no failure.
+        let mut half = TcpStream::connect(addr).await.expect("connect");
+        half.write_all(&[22, 3, 1, 0, 5, 1, 0])
+            .await
+            .expect("write");
+        // A whole TLS record (handshake, TLS 1.0 record version, 5 bytes of hello).
+        mute.write_all(&[22, 3, 1, 0, 5, 1, 0, 0, 1, 0])
+            .await
+            .expect("write");
         let mut buf = [0u8; 16];
         let n = tokio::time::timeout(Duration::from_secs(5), mute.read(&mut buf))
             .await
@@ -728,7 +774,8 @@ mod tests {
             "closed after {took:?}, want about 300 ms"
         );
         let failures = backend_sample("backend_connect_failures_total", "silent", backend_addr);
-        assert_eq!(failures, Some(1.0));
+        assert_eq!(failures, Some(1.0), "only the whole hello counts");
+        drop(half);
 
         // Answered once, then silent for far longer than the bound: kept open.
         let mut watch = TcpStream::connect(addr).await.expect("connect");
@@ -738,6 +785,11 @@ mod tests {
         watch.write_all(b"window update").await.expect("write");
         let quiet = tokio::time::timeout(Duration::from_millis(1200), watch.read(&mut buf)).await;
         assert!(quiet.is_err(), "watch ended: {quiet:?}");
+        // Not TLS: a server may listen without a word (an upload's receiver): kept open.
+        let mut upload = TcpStream::connect(addr).await.expect("connect");
+        upload.write_all(b"upload data").await.expect("write");
+        let quiet = tokio::time::timeout(Duration::from_millis(800), upload.read(&mut buf)).await;
+        assert!(quiet.is_err(), "upload closed: {quiet:?}");
         // A client that has sent nothing is owed nothing: kept open too.
         let mut idle = TcpStream::connect(addr).await.expect("connect");
         let quiet = tokio::time::timeout(Duration::from_millis(800), idle.read(&mut buf)).await;
