@@ -27,13 +27,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::raft::ClientWriteResponse;
 use openraft::{ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::gate::VoteGate;
 use super::transport::{Network, Peers};
-use super::types::{node_id, Metrics, Node, NodeId, Raft};
+use super::types::{node_id, Metrics, Node, NodeId, Raft, TypeConfig};
 use super::Handover;
 
 /// Longest peer id accepted in a change (a DNS name's length; ids are names in logs).
@@ -542,19 +543,33 @@ impl Admin {
         }
         let m = self.metrics();
         self.check_quorum(&m, &format!("adding {id}"), &new, Some(nid))?;
-        tokio::time::timeout(
+        self.commit(
+            ChangeMembers::AddVoterIds([nid].into()),
+            false,
             COMMIT_TIMEOUT * 2,
-            self.raft
-                .change_membership(ChangeMembers::AddVoterIds([nid].into()), false),
+            "making it a voter",
         )
-        .await
-        .map_err(|_| commit_timeout("making it a voter"))?
-        .map_err(write_error)?;
+        .await?;
         let m = self.metrics();
         Ok(format!(
             "{id} ({address}) added as a voter; voters now: {}",
             self.names(&m, &self::voters(&m))
         ))
+    }
+
+    /// One membership change through Raft, committed within `limit` (else `commit_timeout`
+    /// names `step`); `retain` keeps removed voters as learners.
+    async fn commit(
+        &self,
+        change: ChangeMembers<NodeId, Node>,
+        retain: bool,
+        limit: Duration,
+        step: &str,
+    ) -> Result<ClientWriteResponse<TypeConfig>, ChangeError> {
+        tokio::time::timeout(limit, self.raft.change_membership(change, retain))
+            .await
+            .map_err(|_| commit_timeout(step))?
+            .map_err(write_error)
     }
 
     async fn remove(&self, m: &Metrics, id: &str) -> Result<String, ChangeError> {
@@ -565,14 +580,13 @@ impl Admin {
         }
         let voters = voters(m);
         if !voters.contains(&nid) {
-            tokio::time::timeout(
+            self.commit(
+                ChangeMembers::RemoveNodes([nid].into()),
+                false,
                 COMMIT_TIMEOUT,
-                self.raft
-                    .change_membership(ChangeMembers::RemoveNodes([nid].into()), false),
+                "removing the learner",
             )
-            .await
-            .map_err(|_| commit_timeout("removing the learner"))?
-            .map_err(write_error)?;
+            .await?;
             return Ok(format!("learner {id} removed"));
         }
         if voters.len() == 1 {
@@ -587,14 +601,14 @@ impl Admin {
         }
         // A learner first: it receives the entry that says it no longer votes (a voter
         // dropped at once would never hear of it), then it goes altogether.
-        let r = tokio::time::timeout(
-            COMMIT_TIMEOUT * 2,
-            self.raft
-                .change_membership(ChangeMembers::RemoveVoters([nid].into()), true),
-        )
-        .await
-        .map_err(|_| commit_timeout("removing the voter"))?
-        .map_err(write_error)?;
+        let r = self
+            .commit(
+                ChangeMembers::RemoveVoters([nid].into()),
+                true,
+                COMMIT_TIMEOUT * 2,
+                "removing the voter",
+            )
+            .await?;
         let at = r.log_id.index;
         let mut rx = self.raft.metrics();
         let told = matches!(
@@ -608,14 +622,13 @@ impl Admin {
         if !told {
             log::info!("{id} did not receive its removal within {LEARN_REMOVAL_WAIT:?} (down?)");
         }
-        tokio::time::timeout(
+        self.commit(
+            ChangeMembers::RemoveNodes([nid].into()),
+            false,
             COMMIT_TIMEOUT,
-            self.raft
-                .change_membership(ChangeMembers::RemoveNodes([nid].into()), false),
+            "dropping the removed node",
         )
-        .await
-        .map_err(|_| commit_timeout("dropping the removed node"))?
-        .map_err(write_error)?;
+        .await?;
         let m = self.metrics();
         Ok(format!(
             "{id} removed; voters now: {}",
