@@ -11,7 +11,7 @@
 #                                  client starts a curl every 100 ms. The old leader is booted
 #                                  again and rejoins before the next trial
 #                                  (BENCH_FAILOVER_TRIALS, default 5, at least 5)
-#   image size                     vmlinuz + initramfs.cpio.gz
+#   image size                     vmlinuz + initramfs.cpio.lz4
 #
 # Prints a table and rewrites its own section of BENCHMARKS.md (between
 # "<!-- section:appliance -->" markers, headed "## Appliance (<date>, <machine>)"); other
@@ -46,7 +46,7 @@ log() { echo "[$(date +%T)] $*" >&2; }
 if [[ ${KV_SKIP_BUILD:-0} != 1 ]]; then
 	"$repo/image/build" >&2
 fi
-info=$(zcat -f "$KV_INITRD" | cpio -i --quiet --to-stdout etc/kube-vip-appliance/build-info 2>/dev/null || true)
+info=$(kv_initrd_cat "$KV_INITRD" | cpio -i --quiet --to-stdout etc/kube-vip-appliance/build-info 2>/dev/null || true)
 [[ $(sed -n 's/^kube_vip=//p' <<<"$info") == real ]] ||
 	kv_die "$KV_INITRD does not hold the real kube-vip (scripts/build, then image/build)"
 
@@ -174,7 +174,7 @@ if [[ $kpkg == appliance-* ]]; then
 else
 	kdesc="Debian cloud kernel $(sed -n 's/^kernel=//p' <<<"$info")"
 fi
-nmod=$(zcat -f "$KV_INITRD" | cpio -t --quiet 2>/dev/null | grep -c '\.ko$' || true)
+nmod=$(kv_initrd_cat "$KV_INITRD" | cpio -t --quiet 2>/dev/null | grep -c '\.ko$' || true)
 model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 machine="$(nproc) CPUs ($model), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM"
 cmdline=$(sed -n 's/^cmdline=//p' "$KV_REPO/image/out/build-info" 2>/dev/null || true)
@@ -198,7 +198,7 @@ body=$KV_WORKDIR/section.md
 	echo "| image | size |"
 	echo "| --- | ---: |"
 	echo "| vmlinuz ($kdesc) | $(mib "$ksize") |"
-	echo "| initramfs.cpio.gz (busybox, $nmod modules, kube-vip) | $(mib "$isize") |"
+	echo "| initramfs.cpio.lz4 (busybox, $nmod modules, kube-vip) | $(mib "$isize") |"
 	echo "| total | $(mib $((ksize + isize))) |"
 	echo
 	echo "- Targets (issue 14): boot -> serving <= 2.0 s under TCG: single node $(verdict "$s_med" 2.0) it (median ${s_med} s);"

@@ -28,7 +28,7 @@
 # status: QEMU exits 0 in cases that are failures (e.g. too little RAM).
 #
 # Settings (environment, read by kv_init / kv_vm_start):
-#   KV_KERNEL, KV_INITRD   default image/out/vmlinuz, image/out/initramfs.cpio.gz
+#   KV_KERNEL, KV_INITRD   default image/out/vmlinuz, image/out/initramfs.cpio.lz4
 #   KV_VM_MEM              MiB per VM (default 192)
 #   KV_CMDLINE_EXTRA       appended to the kernel command line
 #   KV_QEMU_ACCEL          default tcg (KVM does not boot here, see ENVIRONMENT.md)
@@ -63,7 +63,7 @@ KV_REPO=$(dirname "$KV_LIB_DIR")
 KV_RUN_ID=${KV_RUN_ID:-$$}
 KV_SUBNET=${KV_SUBNET:-10.213.0}
 KV_KERNEL=${KV_KERNEL:-$KV_REPO/image/out/vmlinuz}
-KV_INITRD=${KV_INITRD:-$KV_REPO/image/out/initramfs.cpio.gz}
+KV_INITRD=${KV_INITRD:-$KV_REPO/image/out/initramfs.cpio.lz4}
 KV_VM_MEM=${KV_VM_MEM:-192}
 KV_QEMU_ACCEL=${KV_QEMU_ACCEL:-tcg}
 KV_QEMU_MACHINE=${KV_QEMU_MACHINE:-q35}
@@ -111,6 +111,15 @@ need() {
 	"$KV_REPO/scripts/deps" need test "$@" || kv_die "missing tools (above): run scripts/deps test"
 }
 
+# kv_initrd_cat FILE: the cpio archive inside an initramfs, whichever way it is
+# compressed (image/build: lz4 legacy; Buildroot's rootfs.cpio.gz: gzip).
+kv_initrd_cat() {
+	case $(head -c 4 "$1" | od -An -tx1 | tr -d ' \n') in
+	02214c18) lz4 -dc "$1" ;;
+	*) zcat -f "$1" ;;
+	esac
+}
+
 # kv_init: check we can work and have the tools, make the work directory and
 # trap kv_cleanup on every way out (and report the step that killed a script).
 kv_init() {
@@ -120,7 +129,7 @@ kv_init() {
 	if [[ -x /usr/local/lib/kube-vip-tools/bin/kubectl && :$PATH: != *:/usr/local/lib/kube-vip-tools/bin:* ]]; then
 		PATH=/usr/local/lib/kube-vip-tools/bin:$PATH
 	fi
-	need qemu-system-x86_64 ip curl openssl python3 kubectl mke2fs ping cpio
+	need qemu-system-x86_64 ip curl openssl python3 kubectl mke2fs ping cpio lz4
 	case $KV_BOOT in
 	kernel) ;;
 	disk | cdrom) need qemu-img ;;
