@@ -179,7 +179,7 @@ fn is_joint(m: &Metrics) -> bool {
 }
 
 /// The effective membership's entry is applied here (so it is committed).
-fn committed(m: &Metrics) -> bool {
+pub(super) fn committed(m: &Metrics) -> bool {
     match (m.membership_config.log_id(), m.last_applied) {
         (None, _) => true,
         (Some(l), Some(a)) => l.index <= a.index,
