@@ -85,7 +85,7 @@ fn main() -> ExitCode {
 
 /// `kube-vip members ...`: one request to the local agent's socket.
 fn members(cmd: cli::Members) -> ExitCode {
-    use metrics::status::{ask, Reply, Request};
+    use metrics::status::{Reply, Request};
     let (path, req, output) = match cmd {
         cli::Members::List { config, output } => (config, Request::Members, output),
         cli::Members::Add {
@@ -107,37 +107,11 @@ fn members(cmd: cli::Members) -> ExitCode {
             cli::Output::Table,
         ),
     };
-    let config = match Config::load(&path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let text = match ask(&config.state_dir(), &req) {
-        Ok(Reply::Changed(done)) => done + "\n",
-        Ok(Reply::Members(m)) => match output {
-            cli::Output::Table => cluster::membership::table(&m),
-            cli::Output::Json => match serde_json::to_string_pretty(&m) {
-                Ok(j) => j + "\n",
-                Err(e) => {
-                    eprintln!("cannot print members: {e}");
-                    return ExitCode::FAILURE;
-                }
-            },
-        },
-        Ok(other) => {
-            eprintln!("unexpected answer from the agent: {other:?}");
-            return ExitCode::FAILURE;
-        }
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    // A closed stdout (`| head`) is not worth a panic.
-    let _ = std::io::stdout().write_all(text.as_bytes());
-    ExitCode::SUCCESS
+    finish(ask_agent(&path, &req).and_then(|reply| match reply {
+        Reply::Changed(done) => Ok(done + "\n"),
+        Reply::Members(m) => render(output, &m, cluster::membership::table, "members"),
+        other => Err(format!("unexpected answer from the agent: {other:?}")),
+    }))
 }
 
 fn print_yaml(c: &Config) -> ExitCode {
@@ -156,38 +130,52 @@ fn print_yaml(c: &Config) -> ExitCode {
 
 /// `kube-vip status`: one request to the local agent's socket.
 fn status(path: &std::path::Path, output: cli::Output) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(c) => c,
+    use metrics::status::{Reply, Request};
+    finish(
+        ask_agent(path, &Request::Status).and_then(|reply| match reply {
+            Reply::Status(s) => render(output, &*s, metrics::status::table, "status"),
+            other => Err(format!("unexpected answer from the agent: {other:?}")),
+        }),
+    )
+}
+
+/// Loads the config at `path` and sends `req` to that node's agent over its status socket.
+fn ask_agent(
+    path: &std::path::Path,
+    req: &metrics::status::Request,
+) -> Result<metrics::status::Reply, String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    metrics::status::ask(&config.state_dir(), req).map_err(|e| e.to_string())
+}
+
+/// `value` as `table` lays it out, or as JSON; `what` names it in an error.
+fn render<T: serde::Serialize>(
+    output: cli::Output,
+    value: &T,
+    table: fn(&T) -> String,
+    what: &str,
+) -> Result<String, String> {
+    match output {
+        cli::Output::Table => Ok(table(value)),
+        cli::Output::Json => serde_json::to_string_pretty(value)
+            .map(|j| j + "\n")
+            .map_err(|e| format!("cannot print {what}: {e}")),
+    }
+}
+
+/// A socket command's end: its text on stdout, or its error on stderr and a failing exit.
+fn finish(result: Result<String, String>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            // A closed stdout (`| head`) is not worth a panic.
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("{e}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
-    };
-    let reply = metrics::status::ask(&config.state_dir(), &metrics::status::Request::Status);
-    let s = match reply {
-        Ok(metrics::status::Reply::Status(s)) => s,
-        Ok(other) => {
-            eprintln!("unexpected answer from the agent: {other:?}");
-            return ExitCode::FAILURE;
-        }
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let text = match output {
-        cli::Output::Table => metrics::status::table(&s),
-        cli::Output::Json => match serde_json::to_string_pretty(&s) {
-            Ok(j) => j + "\n",
-            Err(e) => {
-                eprintln!("cannot print status: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-    };
-    // A closed stdout (`| head`) is not worth a panic.
-    let _ = std::io::stdout().write_all(text.as_bytes());
-    ExitCode::SUCCESS
+    }
 }
 
 fn start(args: StartArgs) -> ExitCode {
