@@ -56,15 +56,33 @@ pub enum Timeouts {
     Later,
 }
 
+/// When the last ACK of a backend handshake goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeAck {
+    /// At once, in a packet of its own (the kernel's default).
+    Alone,
+    /// With the first bytes sent (TCP_QUICKACK off before the connect, as HAProxy's
+    /// `tcp-smart-connect`): one packet fewer for the backend to take in. Only for a caller
+    /// that has the client's first bytes in hand and sends them as soon as the connect is
+    /// done: otherwise the backend's accept waits for the delayed-ACK timer (up to 200 ms).
+    WithData,
+}
+
 impl Connector {
     /// Connects to `addr` within the timeout, without keepalive (health checks).
     pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
-        self.connect_with(addr, Timeouts::Later).await
+        self.connect_with(addr, Timeouts::Later, HandshakeAck::Alone)
+            .await
     }
 
     /// Connects to `addr` within the timeout.
-    pub async fn connect_with(&self, addr: SocketAddr, t: Timeouts) -> io::Result<TcpStream> {
-        match timeout(self.timeout, connect_nodelay(addr, t)).await {
+    pub async fn connect_with(
+        &self,
+        addr: SocketAddr,
+        t: Timeouts,
+        ack: HandshakeAck,
+    ) -> io::Result<TcpStream> {
+        match timeout(self.timeout, connect_nodelay(addr, t, ack)).await {
             Ok(r) => r,
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -367,8 +385,11 @@ impl Backends {
 
     /// Connects to the first backend that accepts, in [`Backends::order`]; keepalive and
     /// `TCP_USER_TIMEOUT` are left to the caller (see [`Timeouts::Later`]).
-    pub async fn connect(self: &Arc<Self>) -> Result<(TcpStream, Lease), AllFailed> {
-        self.connect_in(self.order(), Timeouts::Later).await
+    pub async fn connect(
+        self: &Arc<Self>,
+        ack: HandshakeAck,
+    ) -> Result<(TcpStream, Lease), AllFailed> {
+        self.connect_in(self.order(), Timeouts::Later, ack).await
     }
 
     /// `firstByteTimeoutMs` (None = no limit).
@@ -391,6 +412,7 @@ impl Backends {
         self: &Arc<Self>,
         order: Vec<usize>,
         timeouts: Timeouts,
+        ack: HandshakeAck,
     ) -> Result<(TcpStream, Lease), AllFailed> {
         let mut last = None;
         for &i in &order {
@@ -405,7 +427,7 @@ impl Backends {
                 close_on_down: self.close_on_down,
             };
             let started = Instant::now();
-            match self.connector.connect_with(b.addr, timeouts).await {
+            match self.connector.connect_with(b.addr, timeouts, ack).await {
                 Ok(stream) => {
                     // No cooldown is cleared here: a connect proves little after a client got
                     // no answer (firstByteTimeoutMs), and the cooldown runs out by itself.
@@ -486,7 +508,11 @@ impl Backends {
 /// getsockopt(SO_ERROR) once the handshake is over: the readiness that ends the wait already
 /// tells a failed connect (EPOLLERR or EPOLLHUP) from a good one, so the error is fetched only
 /// for a failure. One syscall fewer on every proxied connection.
-async fn connect_nodelay(addr: SocketAddr, t: Timeouts) -> io::Result<TcpStream> {
+async fn connect_nodelay(
+    addr: SocketAddr,
+    t: Timeouts,
+    ack: HandshakeAck,
+) -> io::Result<TcpStream> {
     let family = if addr.is_ipv4() {
         AddressFamily::Inet
     } else {
@@ -502,6 +528,9 @@ async fn connect_nodelay(addr: SocketAddr, t: Timeouts) -> io::Result<TcpStream>
     if t == Timeouts::Now {
         super::limits::set_tcp_timeouts(&fd)?;
     }
+    if ack == HandshakeAck::WithData {
+        quickack_off(&fd)?;
+    }
     match socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
         Ok(()) | Err(Errno::EINPROGRESS) => {}
         Err(e) => return Err(e.into()),
@@ -514,6 +543,24 @@ async fn connect_nodelay(addr: SocketAddr, t: Timeouts) -> io::Result<TcpStream>
             .unwrap_or_else(|| io::ErrorKind::NotConnected.into()));
     }
     Ok(stream)
+}
+
+/// Turns TCP_QUICKACK off on `fd` (nix has no wrapper for it). Before a connect, this makes
+/// the kernel hold the handshake's last ACK for the first data (see [`HandshakeAck`]).
+fn quickack_off(fd: &impl AsRawFd) -> io::Result<()> {
+    use nix::libc::{c_int, socklen_t, IPPROTO_TCP, TCP_QUICKACK};
+    let off: c_int = 0;
+    // SAFETY: a descriptor we own, and a pointer to an int that outlives the call, with its size.
+    let r = unsafe {
+        nix::libc::setsockopt(
+            fd.as_raw_fd(),
+            IPPROTO_TCP,
+            TCP_QUICKACK,
+            (&off as *const c_int).cast(),
+            std::mem::size_of::<c_int>() as socklen_t,
+        )
+    };
+    Errno::result(r).map(drop).map_err(io::Error::from)
 }
 
 #[cfg(test)]
@@ -621,7 +668,7 @@ mod tests {
             &lb(&[dead_addr, live_addr], Balance::Roundrobin),
             true,
         ));
-        let (_, lease) = b.connect().await.expect("connect");
+        let (_, lease) = b.connect(HandshakeAck::Alone).await.expect("connect");
         assert_eq!(lease.addr(), live_addr);
         assert!(b.backends[0].cooldown_until.load(Ordering::Relaxed) > 0);
         assert_eq!(b.backends[1].active.load(Ordering::Relaxed), 1);
@@ -647,7 +694,7 @@ mod tests {
         let b = Arc::new(Backends::new(&config, true));
         let get = |m: &str, a: SocketAddr| backend_sample(m, "hooks", a).unwrap_or(-1.0);
         assert_eq!(get("backend_up", live_addr), 1.0, "up at start");
-        let (_s, lease) = b.connect().await.expect("connect");
+        let (_s, lease) = b.connect(HandshakeAck::Alone).await.expect("connect");
         assert_eq!(get("backend_connect_failures_total", dead_addr), 1.0);
         assert_eq!(get("backend_connections_total", dead_addr), 0.0);
         assert_eq!(get("backend_connections_total", live_addr), 1.0);
@@ -675,7 +722,7 @@ mod tests {
             &lb(&[dead_addr, dead_addr], Balance::Roundrobin),
             true,
         ));
-        let err = b.connect().await.expect_err("must fail");
+        let err = b.connect(HandshakeAck::Alone).await.expect_err("must fail");
         assert_eq!(err.tried, 2);
         assert_eq!(err.last_addr, dead_addr);
     }
@@ -687,7 +734,7 @@ mod tests {
             .expect("bind");
         let live_addr = live.local_addr().expect("addr");
         let b = Arc::new(Backends::new(&lb(&[live_addr], Balance::Leastconn), true));
-        let (_s, mut lease) = b.connect().await.expect("connect");
+        let (_s, mut lease) = b.connect(HandshakeAck::Alone).await.expect("connect");
         fail(&b, 0);
         fail(&b, 0);
         tokio::time::timeout(Duration::from_secs(1), lease.marked_down())

@@ -34,7 +34,7 @@ use crate::metrics::BackendMetrics;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::backends::{Backends, Timeouts};
+use super::backends::{Backends, HandshakeAck, Timeouts};
 use super::Admission;
 use crate::shutdown::Shutdown;
 
@@ -168,7 +168,10 @@ async fn forward(
             }
         }
     }
-    let (stream, mut lease) = match backends.connect_in(order, Timeouts::Now).await {
+    let (stream, mut lease) = match backends
+        .connect_in(order, Timeouts::Now, HandshakeAck::Alone)
+        .await
+    {
         Ok(s) => s,
         Err(e) => {
             warn!("http request from {peer}: {e}");

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use log::{debug, warn};
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
-use nix::sys::socket::{recv, shutdown, MsgFlags, Shutdown as How};
+use nix::sys::socket::{recv, send, shutdown, MsgFlags, Shutdown as How};
 use nix::unistd::{pipe2, write};
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::backends::{Backends, Counts};
+use super::backends::{Backends, Counts, HandshakeAck};
 use super::{limits, Admission};
 use crate::metrics::BackendMetrics;
 use crate::shutdown::Shutdown;
@@ -78,7 +78,24 @@ async fn proxy(
     _admission: Admission,
 ) {
     let connecting = Instant::now();
-    let (server, mut lease) = match backends.connect().await {
+    // A client that speaks first (TLS, HTTP: every API client) has usually sent its first bytes
+    // by the time it is accepted. Taken now, they go to the backend the moment its connect is
+    // done, carrying the handshake's last ACK (one packet fewer), and the client side skips a
+    // wait for readiness. With nothing there yet (or a protocol where the server speaks
+    // first), the connection is proxied as it comes.
+    let early = match early_bytes(&client) {
+        Ok(e) => e,
+        Err(e) => {
+            debug!("{peer}: {e} before its first bytes");
+            return;
+        }
+    };
+    let ack = if early.is_some() {
+        HandshakeAck::WithData
+    } else {
+        HandshakeAck::Alone
+    };
+    let (server, mut lease) = match backends.connect(ack).await {
         Ok(s) => s,
         Err(e) => {
             // Closing at once tells the client to retry elsewhere; holding it open helps nobody.
@@ -106,7 +123,8 @@ async fn proxy(
                 &one_done,
                 &mut moved.up,
                 &first.client,
-                true
+                true,
+                early.as_deref(),
             ),
             pump(
                 &server,
@@ -114,7 +132,8 @@ async fn proxy(
                 &one_done,
                 &mut moved.down,
                 &first.backend,
-                false
+                false,
+                None,
             )
         )
     };
@@ -280,6 +299,10 @@ struct Read {
 /// since both sockets are closed right after, and a close sends the FIN just the same (the
 /// socket holds no unread data: the other direction has read it to its end).
 ///
+/// `early`: bytes already read from `src` (see [`early_bytes`]), sent first; they count as
+/// its first bytes, noted when they are sent (after the connect, so a slow connect does not
+/// eat into the backend's time to answer).
+///
 /// Every read waits until the bytes of the previous one are all sent, so the pipe is empty
 /// whenever something reads into it: an EAGAIN from a splice into the pipe always means "the
 /// socket has nothing yet" (never "the pipe is full"), which keeps tokio's readiness honest,
@@ -291,11 +314,19 @@ async fn pump(
     total: &mut u64,
     first: &OnceLock<Instant>,
     first_must_be_tls: bool,
+    early: Option<&[u8]>,
 ) -> io::Result<()> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut pipe: Option<Pipe> = None;
     let mut bulk = false;
     let mut seen = false;
+    if let Some(bytes) = early {
+        seen = true;
+        if is_tls_record(bytes) || !first_must_be_tls {
+            let _ = first.set(Instant::now());
+        }
+        send_all(dst, bytes, total).await?;
+    }
     loop {
         let r = match (&pipe, bulk) {
             (Some(p), true) => {
@@ -312,8 +343,10 @@ async fn pump(
                 }
             }
             _ => {
-                src.readable().await?;
-                match relay_small(src, dst, &mut pipe) {
+                // READ_CLOSED: `src` has sent its FIN, so after the bytes queued now only the
+                // end of the stream can follow (see `relay_small`).
+                let ends = src.ready(Interest::READABLE).await?.is_read_closed();
+                match relay_small(src, dst, &mut pipe, ends) {
                     Ok(r) => r,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err(e),
@@ -352,19 +385,7 @@ async fn pump(
             left -= sent;
             *total += sent as u64;
         }
-        let mut rest = &r.spill[..];
-        while !rest.is_empty() {
-            dst.writable().await?;
-            match dst.try_write(rest) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(sent) => {
-                    rest = &rest[sent..];
-                    *total += sent as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
+        send_all(dst, &r.spill, total).await?;
     }
     if let Some(p) = pipe {
         p.recycle();
@@ -379,11 +400,64 @@ async fn pump(
     }
 }
 
+/// Sends all of `bytes` to `dst`, waiting for room as needed; adds what was sent to `total`.
+async fn send_all(dst: &TcpStream, mut bytes: &[u8], total: &mut u64) -> io::Result<()> {
+    while !bytes.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(sent) => {
+                bytes = &bytes[sent..];
+                *total += sent as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The bytes `client` has sent so far (up to [`SMALL_READ`]), if any: one recv that does not
+/// wait. None if nothing is there yet, and also at the end of the stream (a client that closed
+/// without a word: the proxy meets that end again, as it would have). An error (a reset) ends
+/// the connection.
+fn early_bytes(client: &TcpStream) -> io::Result<Option<Vec<u8>>> {
+    SMALL_BUF.with(|buf| {
+        let buf = &mut buf.borrow_mut()[..];
+        match recv(client.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(0) | Err(nix::errno::Errno::EAGAIN) => Ok(None),
+            Ok(n) => Ok(Some(buf[..n].to_vec())),
+            Err(e) => Err(e.into()),
+        }
+    })
+}
+
+/// Whether `bytes` start with a whole TLS handshake record (5-byte header and its length): a
+/// client that sends half a hello gets no answer from a healthy server either, and must not be
+/// able to cool backends down.
+fn is_tls_record(bytes: &[u8]) -> bool {
+    bytes.len() >= 5
+        && bytes[0] == TLS_HANDSHAKE
+        && bytes[1] == 3
+        && bytes.len() >= 5 + usize::from(u16::from_be_bytes([bytes[3], bytes[4]]))
+}
+
 /// One read of at most [`SMALL_READ`] bytes into the thread's buffer (so it is not kept in
 /// the connection's state), sent on at once as far as `dst` takes it. What `dst` cannot take
 /// now is parked in the (empty) pipe, made if there is none, or else returned as spill.
-fn relay_small(src: &TcpStream, dst: &TcpStream, pipe: &mut Option<Pipe>) -> io::Result<Read> {
-    SMALL_BUF.with(|buf| relay_small_in(&mut buf.borrow_mut()[..], src, dst, pipe))
+///
+/// `src_ended`: `src` has already sent its FIN. If this read then empties the socket, these
+/// are its last bytes and a shutdown (or close) of `dst` follows at once, so they are sent with
+/// MSG_MORE: the kernel holds the segment for that FIN and sends both in one packet, as
+/// HAProxy does. A short answer from a `Connection: close` server or a TLS alert and close
+/// then costs one packet (and the client one ACK) fewer.
+fn relay_small(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &mut Option<Pipe>,
+    src_ended: bool,
+) -> io::Result<Read> {
+    SMALL_BUF.with(|buf| relay_small_in(&mut buf.borrow_mut()[..], src, dst, pipe, src_ended))
 }
 
 thread_local! {
@@ -397,6 +471,7 @@ fn relay_small_in(
     src: &TcpStream,
     dst: &TcpStream,
     pipe: &mut Option<Pipe>,
+    src_ended: bool,
 ) -> io::Result<Read> {
     let mut got = 0;
     let n = match src.try_io(Interest::READABLE, || {
@@ -421,13 +496,15 @@ fn relay_small_in(
             spill: Vec::new(),
         });
     }
-    // A whole record (5-byte header and its length): a client that sends half a hello gets no
-    // answer from a healthy server either, and must not be able to cool backends down.
-    let tls_record = n >= 5
-        && buf[0] == TLS_HANDSHAKE
-        && buf[1] == 3
-        && n >= 5 + usize::from(u16::from_be_bytes([buf[3], buf[4]]));
-    let sent = match dst.try_write(&buf[..n]) {
+    let tls_record = is_tls_record(&buf[..n]);
+    let flags = if src_ended && n < SMALL_READ {
+        MsgFlags::MSG_NOSIGNAL | MsgFlags::from_bits_retain(nix::libc::MSG_MORE)
+    } else {
+        MsgFlags::MSG_NOSIGNAL
+    };
+    let sent = match dst.try_io(Interest::WRITABLE, || {
+        Ok(send(dst.as_raw_fd(), &buf[..n], flags)?)
+    }) {
         Ok(w) => w,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
         Err(e) => return Err(e),
@@ -828,5 +905,85 @@ mod tests {
             .expect("backend sees the close")
             .expect("backend task");
         assert!(TcpStream::connect(addr).await.is_err(), "still listening");
+    }
+
+    /// A protocol where the server speaks first (SMTP, MySQL): the client has sent nothing when
+    /// it is accepted, so the proxy must connect at once and relay the greeting, not wait for
+    /// the client's first bytes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn server_speaks_first() {
+        let backend = backend_listener();
+        let backend_addr = backend.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut s, _) = backend.accept().await.expect("accept");
+            s.write_all(b"220 hello\r\n").await.expect("greeting");
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).await.expect("read");
+            s.write_all(&buf[..n]).await.expect("echo");
+        });
+        let (lb, addr) = start_lb(backend_addr).await;
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        let mut greeting = [0u8; 11];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut greeting))
+            .await
+            .expect("the greeting comes before the client says anything")
+            .expect("read");
+        assert_eq!(&greeting, b"220 hello\r\n");
+        client.write_all(b"QUIT").await.expect("write");
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"QUIT");
+        lb.stop().await;
+    }
+
+    /// A client whose bytes and end of stream are all there before the proxy accepts it (it
+    /// waited in the backlog behind `maxConnections: 1`), so they are read at once, before the
+    /// backend connect: the backend gets every byte once, then the end, its answer comes
+    /// back, and the bytes are counted once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn first_bytes_and_end_before_accept() {
+        use crate::metrics::backend_sample;
+        let backend = backend_listener();
+        let backend_addr = backend.local_addr().expect("addr");
+        let (accepted, mut accepted_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = backend.accept().await {
+                let _ = accepted.send(());
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    s.read_to_end(&mut got).await.expect("read");
+                    let answer = format!("got {}", got.len());
+                    s.write_all(answer.as_bytes()).await.expect("answer");
+                });
+            }
+        });
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut config = tcp_lb(addr.port(), backend_addr);
+        config.max_connections = Some(1);
+        let pools = crate::lb::Pools::start(std::slice::from_ref(&config));
+        let lb = pools.start_lb(&config, addr).await.expect("start");
+        // The first client takes the one slot...
+        let mut first = TcpStream::connect(addr).await.expect("connect");
+        first.write_all(b"a").await.expect("write");
+        accepted_rx.recv().await.expect("first accepted");
+        // ...so the second waits in the backlog with everything it will ever send.
+        let mut second = TcpStream::connect(addr).await.expect("connect");
+        second.write_all(&[7u8; 3000]).await.expect("write");
+        second.shutdown().await.expect("shutdown");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        first.shutdown().await.expect("shutdown");
+        let mut got = Vec::new();
+        first.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"got 1");
+        drop(first);
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), second.read_to_end(&mut got))
+            .await
+            .expect("the second client is answered")
+            .expect("read");
+        assert_eq!(got, b"got 3000");
+        lb.stop().await;
+        let sent = backend_sample("backend_sent_bytes_total", "test", backend_addr);
+        assert_eq!(sent, Some(3001.0));
     }
 }
