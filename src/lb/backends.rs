@@ -519,28 +519,16 @@ async fn connect_nodelay(addr: SocketAddr, t: Timeouts) -> io::Result<TcpStream>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Backend as BackendConfig, LbType, Port};
+    use crate::config::LbType;
+    use crate::lb::testutil::lb_config;
 
     fn lb(addrs: &[SocketAddr], balance: Balance) -> LoadBalancer {
         LoadBalancer {
-            name: "t".into(),
-            kind: LbType::Tcp,
-            port: Port(1),
-            bind_to_vip: false,
-            backends: addrs
-                .iter()
-                .map(|a| BackendConfig {
-                    address: a.ip(),
-                    port: Port(a.port()),
-                })
-                .collect(),
             connect_timeout_ms: Some(1000),
             backend_cooldown_ms: Some(60_000),
             health_check: None,
-            on_marked_down: None,
             balance: Some(balance),
-            max_connections: None,
-            first_byte_timeout_ms: None,
+            ..lb_config("t", LbType::Tcp, 1, addrs)
         }
     }
 
