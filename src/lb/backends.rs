@@ -520,7 +520,7 @@ async fn connect_nodelay(addr: SocketAddr, t: Timeouts) -> io::Result<TcpStream>
 mod tests {
     use super::*;
     use crate::config::LbType;
-    use crate::lb::testutil::lb_config;
+    use crate::lb::testutil::{backend_listener, dead_addr, lb_config};
 
     fn lb(addrs: &[SocketAddr], balance: Balance) -> LoadBalancer {
         LoadBalancer {
@@ -597,13 +597,8 @@ mod tests {
 
     #[tokio::test]
     async fn refused_backend_is_skipped_and_cooled() {
-        // Bind then drop to find a port nobody listens on.
-        let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let dead_addr = dead.local_addr().expect("addr");
-        drop(dead);
-        let live = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let dead_addr = dead_addr();
+        let live = backend_listener();
         let live_addr = live.local_addr().expect("addr");
         let b = Arc::new(Backends::new(
             &lb(&[dead_addr, live_addr], Balance::Roundrobin),
@@ -623,12 +618,8 @@ mod tests {
     #[tokio::test]
     async fn connects_and_marks_feed_the_metrics() {
         use crate::metrics::backend_sample;
-        let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let dead_addr = dead.local_addr().expect("addr");
-        drop(dead);
-        let live = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let dead_addr = dead_addr();
+        let live = backend_listener();
         let live_addr = live.local_addr().expect("addr");
         let mut config = lb(&[dead_addr, live_addr], Balance::Roundrobin);
         config.name = "hooks".into();
@@ -656,9 +647,7 @@ mod tests {
 
     #[tokio::test]
     async fn all_dead_fails_with_count() {
-        let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let dead_addr = dead.local_addr().expect("addr");
-        drop(dead);
+        let dead_addr = dead_addr();
         let b = Arc::new(Backends::new(
             &lb(&[dead_addr, dead_addr], Balance::Roundrobin),
             true,
@@ -670,9 +659,7 @@ mod tests {
 
     #[tokio::test]
     async fn marking_down_wakes_leases() {
-        let live = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let live = backend_listener();
         let live_addr = live.local_addr().expect("addr");
         let b = Arc::new(Backends::new(&lb(&[live_addr], Balance::Leastconn), true));
         let (_s, mut lease) = b.connect().await.expect("connect");

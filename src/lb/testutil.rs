@@ -44,6 +44,11 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
+/// An address on 127.0.0.1 that nobody listens on (a free port): connects to it are refused.
+pub fn dead_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
 /// A backend listener on 127.0.0.1 with room for every client of a test at once (tokio's
 /// `bind` queues only 128, and a SYN beyond that waits a second for its retransmit).
 pub fn backend_listener() -> TcpListener {
