@@ -1,47 +1,29 @@
 #!/usr/bin/env bash
 # scripts/bench health: failed requests per backend fault kind, ours vs HAProxy 2.6 configured as
 # kubeadm's HA guide (option httpchk GET /readyz, http-check expect status 200, check check-ssl
-# verify none, default inter/fall/rise). Same namespaces, same three TLS backends
-# (tests/support/readyz_backend.py), same client: a new TLS request every 10 ms through the
-# load balancer (tests/support/tls_client.py). Each run: 2 s healthy, the fault, 6 s more.
+# verify none, default inter/fall/rise). Same namespaces, same three TLS backends answering
+# /readyz (tests/health-lib.sh, as the health tests), same client: a new TLS request every 10 ms
+# through the load balancer (tests/support/tls_client.py). Each run: 2 s healthy, the fault, 6 s more.
 # Reports failed requests and ms from the fault to the last failure, rewriting its own section
 # of BENCHMARKS.md. Run under `flock /tmp/kv-heavy.lock`. ~2 minutes.
 set -euo pipefail
 TAG=h$$
 # shellcheck source=tests/lib.sh
 source "$(dirname "$0")/../tests/lib.sh"
+# shellcheck source=tests/health-lib.sh
+source "$ROOT/tests/health-lib.sh"
 OUT=${BENCH_OUT:-$ROOT/BENCHMARKS.md}
 FAULTS=(${BENCH_FAULTS:-unready killed blackholed})
 TARGETS=(${BENCH_TARGETS:-ours haproxy})
 command -v haproxy >/dev/null || "$ROOT/scripts/deps" bench
 
-mkns L lb
-mkns B back
-ip link add "l$TAG" type veth peer name "b$TAG"
-ip link set "l$TAG" netns "$L" name eth0
-ip link set "b$TAG" netns "$B" name eth0
-nsx "$L" ip addr add 10.89.0.1/24 dev eth0
-nsx "$L" ip link set eth0 up
-nsx "$B" ip link set eth0 up
-for i in 1 2 3; do nsx "$B" ip addr add 10.89.0.1$i/24 dev eth0; done
-openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=kube-apiserver" \
-  -addext "subjectAltName=IP:10.89.0.11,IP:10.89.0.12,IP:10.89.0.13" \
-  -keyout "$WORK/server.key" -out "$WORK/server.crt" 2>/dev/null
+make_health_net 10.89.0
+make_certs
 
-cat > "$WORK/ours.yaml" <<EOF
-vip: 10.89.0.100
-interface: eth0
-singleNode: true
-loadBalancers:
-- name: api
-  type: tcp
-  port: 6443
-  backends:
-  - {address: 10.89.0.11, port: 6444}
-  - {address: 10.89.0.12, port: 6444}
-  - {address: 10.89.0.13, port: 6444}
-  healthCheck: {type: https, path: /readyz}
-EOF
+{ health_config
+  lb_entry api tcp 6443 false 6444 10.89.0.11 10.89.0.12 10.89.0.13
+  echo "  healthCheck: {type: https, path: /readyz}"
+} > "$WORK/ours.yaml"
 # kubeadm's HA guide (docs/ha-considerations.md), with /readyz as the issue asks.
 cat > "$WORK/haproxy.cfg" <<EOF
 global
@@ -74,24 +56,14 @@ backend apiserverbackend
     server b3 10.89.0.13:6444 check check-ssl verify none
 EOF
 
-start_backends() {
-  local i
-  for i in 1 2 3; do
-    echo ready > "$WORK/state$i"
-    ip netns exec "$B" python3 "$ROOT/tests/support/readyz_backend.py" "b$i" "10.89.0.1$i" 6444 \
-      "$WORK/server.crt" "$WORK/server.key" "$WORK/state$i" &
-    eval "BACKEND_$i=$!"
-  done
-  for i in 1 2 3; do wait_until 10 nsx "$B" curl -sfk "https://10.89.0.1$i:6444/readyz"; done
-}
 stop_backends() {
   local i p
-  for i in 1 2 3; do p="BACKEND_$i"; kill -9 "${!p}" 2>/dev/null || true; wait "${!p}" 2>/dev/null || true; done
+  for i in 1 2 3; do p="BACKEND_b$i"; kill -9 "${!p}" 2>/dev/null || true; wait "${!p}" 2>/dev/null || true; done
   nsx "$B" iptables -F INPUT 2>/dev/null || true
 }
 start_target() {
   case $1 in
-    ours) ip netns exec "$L" "$KUBE_VIP" start -c "$WORK/ours.yaml" --disableVIP >>"$WORK/ours.log" 2>&1 & ;;
+    ours) start_kube_vip "$WORK/ours.yaml" "$WORK/ours.log" ;;
     haproxy) ip netns exec "$L" haproxy -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 & ;;
   esac
   TARGET=$!
@@ -102,8 +74,8 @@ start_target() {
 stop_target() { kill "$TARGET" 2>/dev/null || true; wait "$TARGET" 2>/dev/null || true; }
 fault() {
   case $1 in
-    unready) echo unready > "$WORK/state1" ;;
-    killed) kill -9 "$BACKEND_1" ;;
+    unready) set_state b1 unready ;;
+    killed) kill -9 "$BACKEND_b1" ;;
     blackholed) nsx "$B" iptables -I INPUT -d 10.89.0.11 -j DROP ;;
   esac
 }

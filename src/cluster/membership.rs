@@ -33,8 +33,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::gate::VoteGate;
-use super::transport::{Network, Peers};
-use super::types::{node_id, Metrics, Node, NodeId, Raft, TypeConfig};
+use super::types::{node_id, Metrics, Node, NodeId, TypeConfig};
 use super::Handover;
 
 /// Longest peer id accepted in a change (a DNS name's length; ids are names in logs).
@@ -216,12 +215,9 @@ fn standing(m: &Metrics, me: NodeId) -> Standing {
 /// A membership change's driver and the `members list` source; one per node, cheap to clone.
 #[derive(Clone)]
 pub struct Admin {
-    raft: Raft,
-    me: NodeId,
-    peers: Arc<Peers>,
-    network: Network,
-    gate: Arc<VoteGate>,
+    /// The planned handover; through it also this node's Raft, id, peers and network (one copy).
     handover: Handover,
+    gate: Arc<VoteGate>,
     /// Tells the lease to give up the VIP (a leader removing itself hands over first).
     step_down: Arc<watch::Sender<bool>>,
     /// One change at a time on this node.
@@ -230,35 +226,27 @@ pub struct Admin {
 
 impl fmt::Debug for Admin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Admin({:#x})", self.me)
+        write!(f, "Admin({:#x})", self.handover.me)
     }
 }
 
 impl Admin {
     /// Everything a change needs; built by `Cluster::start`.
     pub(super) fn new(
-        raft: Raft,
-        me: NodeId,
-        peers: Arc<Peers>,
-        network: Network,
-        gate: Arc<VoteGate>,
         handover: Handover,
+        gate: Arc<VoteGate>,
         step_down: Arc<watch::Sender<bool>>,
     ) -> Admin {
         Admin {
-            raft,
-            me,
-            peers,
-            network,
-            gate,
             handover,
+            gate,
             step_down,
             busy: Arc::default(),
         }
     }
 
     fn metrics(&self) -> Metrics {
-        self.raft.metrics().borrow().clone()
+        self.handover.raft.metrics().borrow().clone()
     }
 
     /// A member's peer id: from the membership, else the known peers, else its node id.
@@ -267,7 +255,7 @@ impl Admin {
             .membership()
             .get_node(&id)
             .map(|n| n.peer_id.clone())
-            .or_else(|| self.peers.get(id).map(|p| p.id))
+            .or_else(|| self.handover.peers.get(id).map(|p| p.id))
             .unwrap_or_else(|| format!("{id:#x}"))
     }
 
@@ -285,7 +273,7 @@ impl Admin {
             return Err(format!(
                 "this node ({}) is not a member of any cluster yet: run `kube-vip members list` \
                  on a member",
-                self.name(&m, self.me)
+                self.name(&m, self.handover.me)
             ));
         }
         let voters = voters(&m);
@@ -313,7 +301,7 @@ impl Admin {
             )
         });
         Ok(Members {
-            node: self.name(&m, self.me),
+            node: self.name(&m, self.handover.me),
             term: m.current_term,
             members,
             changing,
@@ -327,17 +315,17 @@ impl Admin {
         let started = Instant::now();
         loop {
             let m = self.metrics();
-            if !voters(&m).contains(&self.me) {
+            if !voters(&m).contains(&self.handover.me) {
                 return Err(ChangeError::Refused(format!(
                     "this node ({}) is not a voting member of the cluster: run the command on a \
                      member",
-                    self.name(&m, self.me)
+                    self.name(&m, self.handover.me)
                 )));
             }
             let leader = match m.current_leader {
                 Some(l) => l,
                 None => {
-                    let mut rx = self.raft.metrics();
+                    let mut rx = self.handover.raft.metrics();
                     let got = matches!(
                         tokio::time::timeout(
                             LEADER_WAIT,
@@ -352,10 +340,11 @@ impl Admin {
                     return Err(ChangeError::Refused("no leader known: retry".into()));
                 }
             };
-            let result = if leader == self.me {
+            let result = if leader == self.handover.me {
                 self.execute(change.clone()).await
             } else {
                 match self
+                    .handover
                     .network
                     .send_members(leader, change.clone(), FORWARD_TIMEOUT)
                     .await
@@ -416,7 +405,7 @@ impl Admin {
         if m.state != ServerState::Leader {
             return Err(ChangeError::Retry(format!(
                 "{} is no longer the leader",
-                self.name(&m, self.me)
+                self.name(&m, self.handover.me)
             )));
         }
         if is_joint(&m) || !committed(&m) {
@@ -442,8 +431,9 @@ impl Admin {
             .iter()
             .copied()
             .filter(|id| {
-                *id == self.me
+                *id == self.handover.me
                     || self
+                        .handover
                         .network
                         .last_answer_age(*id)
                         .is_some_and(|a| a < UP_WITHIN)
@@ -507,13 +497,13 @@ impl Admin {
             peer_id: id.to_string(),
             addr: address.to_string(),
         };
-        self.peers.learn(nid, &node);
+        self.handover.peers.learn(nid, &node);
         let learner_at = match ms.get_node(&nid) {
             Some(_) => m.membership_config.log_id().map(|l| l.index),
             None => {
                 let r = tokio::time::timeout(
                     COMMIT_TIMEOUT,
-                    self.raft.add_learner(nid, node.clone(), false),
+                    self.handover.raft.add_learner(nid, node.clone(), false),
                 )
                 .await
                 .map_err(|_| commit_timeout("adding the learner"))?
@@ -524,7 +514,7 @@ impl Admin {
         };
         // The new node must hold the log before it votes: a voter that lags makes a quorum
         // that cannot commit.
-        let mut rx = self.raft.metrics();
+        let mut rx = self.handover.raft.metrics();
         let caught_up = matches!(
             tokio::time::timeout(
                 CATCH_UP_TIMEOUT,
@@ -566,7 +556,7 @@ impl Admin {
         limit: Duration,
         step: &str,
     ) -> Result<ClientWriteResponse<TypeConfig>, ChangeError> {
-        tokio::time::timeout(limit, self.raft.change_membership(change, retain))
+        tokio::time::timeout(limit, self.handover.raft.change_membership(change, retain))
             .await
             .map_err(|_| commit_timeout(step))?
             .map_err(write_error)
@@ -596,7 +586,7 @@ impl Admin {
         }
         let remaining: BTreeSet<NodeId> = voters.iter().copied().filter(|v| *v != nid).collect();
         self.check_quorum(m, &format!("removing {id}"), &remaining, None)?;
-        if nid == self.me {
+        if nid == self.handover.me {
             return Err(self.step_down_for_removal(m).await);
         }
         // A learner first: it receives the entry that says it no longer votes (a voter
@@ -610,7 +600,7 @@ impl Admin {
             )
             .await?;
         let at = r.log_id.index;
-        let mut rx = self.raft.metrics();
+        let mut rx = self.handover.raft.metrics();
         let told = matches!(
             tokio::time::timeout(
                 LEARN_REMOVAL_WAIT,
@@ -639,7 +629,7 @@ impl Admin {
     /// This leader is to be removed: give up the VIP, hand leadership over (as at SIGTERM),
     /// and tell the asker to retry at the new leader.
     async fn step_down_for_removal(&self, m: &Metrics) -> ChangeError {
-        let me = self.name(m, self.me);
+        let me = self.name(m, self.handover.me);
         self.let_leases_lapse(m).await;
         log::info!("{me} leads and is to be removed: releasing the VIP and handing over");
         self.step_down.send_replace(true);
@@ -656,8 +646,8 @@ impl Admin {
             let m = self.metrics();
             self.handover.run(&m).await.map_err(|e| e.to_string())
         };
-        self.network.unmute();
-        self.raft.runtime_config().heartbeat(true);
+        self.handover.network.unmute();
+        self.handover.raft.runtime_config().heartbeat(true);
         self.step_down.send_replace(false);
         match result {
             Ok(new) => ChangeError::Retry(format!(
@@ -708,9 +698,10 @@ impl Admin {
         }
         let mut up: Vec<(Duration, NodeId)> = voters
             .iter()
-            .filter(|id| **id != self.me)
+            .filter(|id| **id != self.handover.me)
             .filter_map(|id| {
-                self.network
+                self.handover
+                    .network
                     .last_answer_age(*id)
                     .filter(|a| *a < UP_WITHIN)
                     .map(|a| (a, *id))
@@ -732,7 +723,7 @@ impl Admin {
             self.names(m, &muted),
             wait.as_millis()
         );
-        self.network.mute(&muted);
+        self.handover.network.mute(&muted);
         tokio::time::sleep(wait).await;
     }
 }
@@ -774,17 +765,17 @@ fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> ChangeEr
 /// to date with the members' addresses, and on a leader finishes a joint configuration that
 /// no change of its own is driving (its predecessor died in the middle of one).
 pub async fn watch_membership(admin: Admin) {
-    let mut rx = admin.raft.metrics();
+    let mut rx = admin.handover.raft.metrics();
     let mut last: Option<Standing> = None;
     let mut ever_voter = false;
     loop {
         let m = rx.borrow_and_update().clone();
         for (id, node) in m.membership_config.membership().nodes() {
-            admin.peers.learn(*id, node);
+            admin.handover.peers.learn(*id, node);
         }
-        let now = standing(&m, admin.me);
+        let now = standing(&m, admin.handover.me);
         if last != Some(now) {
-            let me = admin.name(&m, admin.me);
+            let me = admin.name(&m, admin.handover.me);
             match now {
                 Standing::NotYet => log::info!(
                     "{me} is not a member of a cluster yet: no votes, no VIP; waiting to be added \
@@ -823,6 +814,7 @@ pub async fn watch_membership(admin: Admin) {
                     let r = tokio::time::timeout(
                         COMMIT_TIMEOUT,
                         admin
+                            .handover
                             .raft
                             .change_membership(ChangeMembers::ReplaceAllVoters(target), true),
                     )

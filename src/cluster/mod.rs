@@ -385,15 +385,7 @@ impl Cluster {
             election_timeout_max_ms: s.election_timeout_max_ms,
         };
         let (step_down_tx, step_down) = watch::channel(false);
-        let admin = Admin::new(
-            raft.clone(),
-            me,
-            peers.clone(),
-            network.clone(),
-            gate.clone(),
-            handover.clone(),
-            Arc::new(step_down_tx),
-        );
+        let admin = Admin::new(handover.clone(), gate.clone(), Arc::new(step_down_tx));
         let membership_watch = tokio::spawn(membership::watch_membership(admin.clone()));
         let server = tokio::spawn(transport::serve(
             listener,

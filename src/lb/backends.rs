@@ -566,28 +566,16 @@ fn quickack_off(fd: &impl AsRawFd) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Backend as BackendConfig, LbType, Port};
+    use crate::config::LbType;
+    use crate::lb::testutil::{backend_listener, dead_addr, lb_config};
 
     fn lb(addrs: &[SocketAddr], balance: Balance) -> LoadBalancer {
         LoadBalancer {
-            name: "t".into(),
-            kind: LbType::Tcp,
-            port: Port(1),
-            bind_to_vip: false,
-            backends: addrs
-                .iter()
-                .map(|a| BackendConfig {
-                    address: a.ip(),
-                    port: Port(a.port()),
-                })
-                .collect(),
             connect_timeout_ms: Some(1000),
             backend_cooldown_ms: Some(60_000),
             health_check: None,
-            on_marked_down: None,
             balance: Some(balance),
-            max_connections: None,
-            first_byte_timeout_ms: None,
+            ..lb_config("t", LbType::Tcp, 1, addrs)
         }
     }
 
@@ -656,13 +644,8 @@ mod tests {
 
     #[tokio::test]
     async fn refused_backend_is_skipped_and_cooled() {
-        // Bind then drop to find a port nobody listens on.
-        let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let dead_addr = dead.local_addr().expect("addr");
-        drop(dead);
-        let live = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let dead_addr = dead_addr();
+        let live = backend_listener();
         let live_addr = live.local_addr().expect("addr");
         let b = Arc::new(Backends::new(
             &lb(&[dead_addr, live_addr], Balance::Roundrobin),
@@ -682,12 +665,8 @@ mod tests {
     #[tokio::test]
     async fn connects_and_marks_feed_the_metrics() {
         use crate::metrics::backend_sample;
-        let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let dead_addr = dead.local_addr().expect("addr");
-        drop(dead);
-        let live = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let dead_addr = dead_addr();
+        let live = backend_listener();
         let live_addr = live.local_addr().expect("addr");
         let mut config = lb(&[dead_addr, live_addr], Balance::Roundrobin);
         config.name = "hooks".into();
@@ -715,9 +694,7 @@ mod tests {
 
     #[tokio::test]
     async fn all_dead_fails_with_count() {
-        let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let dead_addr = dead.local_addr().expect("addr");
-        drop(dead);
+        let dead_addr = dead_addr();
         let b = Arc::new(Backends::new(
             &lb(&[dead_addr, dead_addr], Balance::Roundrobin),
             true,
@@ -729,9 +706,7 @@ mod tests {
 
     #[tokio::test]
     async fn marking_down_wakes_leases() {
-        let live = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let live = backend_listener();
         let live_addr = live.local_addr().expect("addr");
         let b = Arc::new(Backends::new(&lb(&[live_addr], Balance::Leastconn), true));
         let (_s, mut lease) = b.connect(HandshakeAck::Alone).await.expect("connect");

@@ -362,60 +362,29 @@ fn error_response(status: StatusCode, text: &'static str) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Backend, HealthCheck, HealthCheckType, LbType, LoadBalancer, Port};
+    use crate::config::LbType;
+    use crate::lb::testutil::{free_port, lb_config, spawn_backend, start};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Sequential requests through the `http` load balancer reuse one backend connection.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn backend_connections_are_pooled() {
-        let backend = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let backend_addr = backend.local_addr().expect("addr");
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = backend.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|_req| async {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hi"))))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
+        let backend_addr = spawn_backend(move |s| {
+            count.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hi"))))
                 });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
             }
         });
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let config = LoadBalancer {
-            name: "web".into(),
-            kind: LbType::Http,
-            port: Port(port),
-            bind_to_vip: false,
-            backends: vec![Backend {
-                address: backend_addr.ip(),
-                port: Port(backend_addr.port()),
-            }],
-            connect_timeout_ms: None,
-            backend_cooldown_ms: None,
-            health_check: Some(HealthCheck {
-                kind: HealthCheckType::None,
-                ..HealthCheck::default_for_0_1()
-            }),
-            on_marked_down: None,
-            balance: None,
-            max_connections: None,
-            first_byte_timeout_ms: None,
-        };
-        let pools = crate::lb::Pools::start(std::slice::from_ref(&config));
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let lb = pools.start_lb(&config, addr).await.expect("start");
+        let config = lb_config("web", LbType::Http, free_port(), &[backend_addr]);
+        let (lb, addr) = start(&config).await;
         for _ in 0..5 {
             let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
             c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

@@ -5,6 +5,8 @@ pub mod health;
 pub mod http;
 pub mod limits;
 pub mod tcp;
+#[cfg(test)]
+mod testutil;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -354,50 +356,21 @@ mod tests {
     /// Beyond `maxConnections` a client waits (in the backlog) until a connection ends.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn max_connections_holds_back_the_next_client() {
-        use crate::config::{Backend, HealthCheck, HealthCheckType, LbType, Port};
+        use super::testutil::{free_port, lb_config, spawn_backend, start};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let backend = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let backend_addr = backend.local_addr().expect("addr");
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = backend.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 16];
-                    while let Ok(n) = s.read(&mut buf).await {
-                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+        let backend_addr = spawn_backend(|mut s| async move {
+            let mut buf = [0u8; 16];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
             }
         });
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
         let config = LoadBalancer {
-            name: "t".into(),
-            kind: LbType::Tcp,
-            port: Port(port),
-            bind_to_vip: false,
-            backends: vec![Backend {
-                address: backend_addr.ip(),
-                port: Port(backend_addr.port()),
-            }],
-            connect_timeout_ms: None,
-            backend_cooldown_ms: None,
-            health_check: Some(HealthCheck {
-                kind: HealthCheckType::None,
-                ..HealthCheck::default_for_0_1()
-            }),
-            on_marked_down: None,
-            balance: None,
             max_connections: Some(1),
-            first_byte_timeout_ms: None,
+            ..lb_config("t", LbType::Tcp, free_port(), &[backend_addr])
         };
-        let pools = Pools::start(std::slice::from_ref(&config));
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let lb = pools.start_lb(&config, addr).await.expect("start");
+        let (lb, addr) = start(&config).await;
         let echo = |mut s: TcpStream| async move {
             s.write_all(b"x").await.expect("write");
             let mut b = [0u8; 1];

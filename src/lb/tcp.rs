@@ -554,9 +554,10 @@ mod tests {
     use std::time::Duration;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpSocket, TcpStream};
+    use tokio::net::{TcpSocket, TcpStream};
 
-    use crate::config::{Backend, LbType, LoadBalancer, Port};
+    use crate::config::{LbType, LoadBalancer};
+    use crate::lb::testutil::{backend_listener, free_port, lb_config, spawn_backend, start};
     use crate::lb::RunningLb;
 
     /// Bytes sent each way in the bulk test: far more than socket buffers and pipes hold, so
@@ -612,50 +613,16 @@ mod tests {
         }
     }
 
-    /// A backend listener on 127.0.0.1 with room for every client of a test at once (tokio's
-    /// `bind` queues only 128, and a SYN beyond that waits a second for its retransmit).
-    fn backend_listener() -> TcpListener {
-        let s = TcpSocket::new_v4().expect("socket");
-        s.bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
-        s.listen(1024).expect("listen")
-    }
-
-    /// A free port on 127.0.0.1 (bound and released; fine for a test).
-    fn free_port() -> u16 {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    }
-
-    fn tcp_lb(port: u16, backend: SocketAddr) -> LoadBalancer {
+    /// The `test` load balancer on a free port, forwarding to `backend`.
+    fn tcp_lb(backend: SocketAddr) -> LoadBalancer {
         LoadBalancer {
-            name: "test".into(),
-            kind: LbType::Tcp,
-            port: Port(port),
-            bind_to_vip: false,
-            backends: vec![Backend {
-                address: backend.ip(),
-                port: Port(backend.port()),
-            }],
             connect_timeout_ms: Some(1000),
-            backend_cooldown_ms: None,
-            // The test backends accept only the connections the tests make.
-            health_check: Some(crate::config::HealthCheck {
-                kind: crate::config::HealthCheckType::None,
-                ..crate::config::HealthCheck::default_for_0_1()
-            }),
-            on_marked_down: None,
-            balance: None,
-            max_connections: None,
-            first_byte_timeout_ms: None,
+            ..lb_config("test", LbType::Tcp, free_port(), &[backend])
         }
     }
 
     async fn start_lb(backend: SocketAddr) -> (RunningLb, SocketAddr) {
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let config = tcp_lb(addr.port(), backend);
-        let pools = crate::lb::Pools::start(std::slice::from_ref(&config));
-        let lb = pools.start_lb(&config, addr).await.expect("start");
-        (lb, addr)
+        start(&tcp_lb(backend)).await
     }
 
     /// 8 MB each way at the same time, byte-exact, with half-close: the client shuts down its
@@ -761,21 +728,12 @@ mod tests {
     /// Many short exchanges at once (the connection-rate case): every one gets its own answer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_short_connections() {
-        let backend = backend_listener();
-        let backend_addr = backend.local_addr().expect("addr");
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut s, _)) = backend.accept().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 64];
-                    let n = s.read(&mut buf).await.unwrap_or(0);
-                    let mut answer = b"re:".to_vec();
-                    answer.extend_from_slice(&buf[..n]);
-                    let _ = s.write_all(&answer).await;
-                });
-            }
+        let backend_addr = spawn_backend(|mut s| async move {
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            let mut answer = b"re:".to_vec();
+            answer.extend_from_slice(&buf[..n]);
+            let _ = s.write_all(&answer).await;
         });
         let (lb, addr) = start_lb(backend_addr).await;
         let mut clients = tokio::task::JoinSet::new();
@@ -802,32 +760,26 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn silent_backend_is_cut_after_first_byte_timeout() {
         use crate::metrics::backend_sample;
-        let backend = backend_listener();
-        let backend_addr = backend.local_addr().expect("addr");
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = backend.accept().await {
-                // "GET": answer once, then read on in silence (a watch); anything else: read
-                // and never answer (a hung server, or an upload's receiver).
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 64];
-                    let n = s.read(&mut buf).await.unwrap_or(0);
-                    if buf[..n].starts_with(b"GET") {
-                        let _ = s.write_all(b"hello").await;
-                    }
-                    while let Ok(n) = s.read(&mut buf).await {
-                        if n == 0 {
-                            break;
-                        }
-                    }
-                });
+        // "GET": answer once, then read on in silence (a watch); anything else: read and never
+        // answer (a hung server, or an upload's receiver).
+        let backend_addr = spawn_backend(|mut s| async move {
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if buf[..n].starts_with(b"GET") {
+                let _ = s.write_all(b"hello").await;
+            }
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
             }
         });
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let mut config = tcp_lb(addr.port(), backend_addr);
-        config.name = "silent".into();
-        config.first_byte_timeout_ms = Some(300);
-        let pools = crate::lb::Pools::start(std::slice::from_ref(&config));
-        let lb = pools.start_lb(&config, addr).await.expect("start");
+        let config = LoadBalancer {
+            name: "silent".into(),
+            first_byte_timeout_ms: Some(300),
+            ..tcp_lb(backend_addr)
+        };
+        let (lb, addr) = start(&config).await;
 
         let started = tokio::time::Instant::now();
         let mut mute = TcpStream::connect(addr).await.expect("connect");

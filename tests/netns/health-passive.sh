@@ -8,47 +8,15 @@
 #   bracketed address.
 # FIRST_BYTE=0 runs the same checks with passive detection off, to show they can fail.
 source "$(dirname "$0")/../lib.sh"
+source "$(dirname "$0")/../health-lib.sh"
 need ip openssl python3 curl
 
 FIRST_BYTE=${FIRST_BYTE:-1000}
-mkns L lb     # kube-vip and the clients
-mkns B back   # the backends
-ip link add "l$TAG" type veth peer name "b$TAG"
-ip link set "l$TAG" netns "$L" name eth0
-ip link set "b$TAG" netns "$B" name eth0
-nsx "$L" ip addr add 10.89.0.1/24 dev eth0
-nsx "$L" ip addr add fd00:89::1/64 dev eth0 nodad
-nsx "$L" ip link set eth0 up
-nsx "$B" ip link set eth0 up
-for i in 1 2 3; do
-  nsx "$B" ip addr add 10.89.0.1$i/24 dev eth0
-  nsx "$B" ip addr add fd00:89::1$i/64 dev eth0 nodad
-done
+make_health_net 10.89.0 fd00:89:
+make_certs
+start_backends
 
-openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=kube-apiserver" \
-  -addext "subjectAltName=IP:10.89.0.11,IP:10.89.0.12,IP:10.89.0.13,IP:fd00:89::11,IP:fd00:89::12,IP:fd00:89::13" \
-  -keyout "$WORK/server.key" -out "$WORK/server.crt" 2>/dev/null
-
-# start_backend NAME ADDRESS: one backend, its pid in BACKEND_NAME; state file $WORK/state.NAME.
-start_backend() {
-  ip netns exec "$B" python3 "$SUPPORT/readyz_backend.py" "$1" "$2" 6444 \
-    "$WORK/server.crt" "$WORK/server.key" "$WORK/state.$1" &
-  eval "BACKEND_$1=$!"
-}
-set_state() { echo "$2" > "$WORK/state.$1.new"; mv "$WORK/state.$1.new" "$WORK/state.$1"; }
-for i in 1 2 3; do
-  set_state "b$i" ready; start_backend "b$i" "10.89.0.1$i"
-  set_state "v$i" ready; start_backend "v$i" "fd00:89::1$i"
-done
-for i in 1 2 3; do
-  wait_until 10 nsx "$B" curl -sfk "https://10.89.0.1$i:6444/readyz"
-  wait_until 10 nsx "$B" curl -sfk "https://[fd00:89::1$i]:6444/readyz"
-done
-
-{ echo "vip: 10.89.0.100"
-  echo "interface: eth0"
-  echo "singleNode: true"
-  echo "loadBalancers:"
+{ health_config
   # tcp checks, which a hung process passes: only passive detection can find it.
   lb_entry api tcp 6443 false 6444 10.89.0.11 10.89.0.12 10.89.0.13
   echo "  healthCheck: {type: tcp}"
@@ -67,8 +35,7 @@ check "check warns about tcp checks of an API server port, once" \
   test "$(grep -c 'warning: loadBalancers\[0\] ("api"): tcp health checks of port 6444' "$WORK/check.err")" = 1
 check "check prints firstByteTimeoutMs" grep -q "firstByteTimeoutMs: $FIRST_BYTE" "$WORK/effective.yaml"
 
-ip netns exec "$L" "$KUBE_VIP" start -c "$WORK/config.yaml" --disableVIP >"$WORK/agent.log" 2>&1 &
-AGENT=$!
+start_kube_vip "$WORK/config.yaml" "$WORK/agent.log"
 rate() { nsx "$L" python3 "$SUPPORT/tls_client.py" rate 10.89.0.1 "$2" 20 "$1" 2>/dev/null; }
 served_by() { rate 1 "$1" | awk '$2=="ok"{print $3}' | sort -u | tr '\n' ' '; }
 check "startup log spells the check type as the config does" \

@@ -8,46 +8,17 @@
 # HEALTH_CHECK=none (or any healthCheck flow map) runs the same checks against other settings,
 # to show they can fail.
 source "$(dirname "$0")/../lib.sh"
+source "$(dirname "$0")/../health-lib.sh"
 need ip iptables openssl python3 curl
 
 HEALTH_CHECK=${HEALTH_CHECK:-"{type: https, path: /readyz}"}
-mkns L lb     # kube-vip and the clients
-mkns B back   # the three backends
-ip link add "l$TAG" type veth peer name "b$TAG"
-ip link set "l$TAG" netns "$L" name eth0
-ip link set "b$TAG" netns "$B" name eth0
-nsx "$L" ip addr add 10.88.0.1/24 dev eth0
-nsx "$L" ip link set eth0 up
-nsx "$B" ip link set eth0 up
-for i in 1 2 3; do nsx "$B" ip addr add 10.88.0.1$i/24 dev eth0; done
+make_health_net 10.88.0
+# test-ca signs the backends' certificate; wrong-ca is the wrong one.
+make_certs
+make_ca wrong-ca
+start_backends
 
-# One CA signs the backends' certificate (IP SANs of all three); another CA is the wrong one.
-mkcert() {
-  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=$1" \
-    -keyout "$WORK/$1.key" -out "$WORK/$1.crt" 2>/dev/null
-}
-mkcert test-ca
-mkcert wrong-ca
-openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" \
-  -keyout "$WORK/server.key" -out "$WORK/server.csr" 2>/dev/null
-printf 'subjectAltName=IP:10.88.0.11,IP:10.88.0.12,IP:10.88.0.13\n' > "$WORK/san.ext"
-openssl x509 -req -in "$WORK/server.csr" -CA "$WORK/test-ca.crt" -CAkey "$WORK/test-ca.key" \
-  -CAcreateserial -days 2 -extfile "$WORK/san.ext" -out "$WORK/server.crt" 2>/dev/null
-
-start_backend() { # N
-  ip netns exec "$B" python3 "$SUPPORT/readyz_backend.py" "b$1" "10.88.0.1$1" 6444 \
-    "$WORK/server.crt" "$WORK/server.key" "$WORK/state$1" &
-  eval "BACKEND_$1=$!"
-}
-# set_state N ready|unready: written aside and renamed, so the backend never reads a half file.
-set_state() { echo "$2" > "$WORK/state$1.new"; mv "$WORK/state$1.new" "$WORK/state$1"; }
-for i in 1 2 3; do set_state "$i" ready; start_backend "$i"; done
-for i in 1 2 3; do wait_until 10 nsx "$B" curl -sfk "https://10.88.0.1$i:6444/readyz"; done
-
-{ echo "vip: 10.88.0.100"
-  echo "interface: eth0"
-  echo "singleNode: true"
-  echo "loadBalancers:"
+{ health_config
   lb_entry api tcp 6443 false 6444 10.88.0.11 10.88.0.12 10.88.0.13
   echo "  backendCooldownMs: 2000"
   echo "  healthCheck: $HEALTH_CHECK"
@@ -68,8 +39,7 @@ check "sample config checks kube-apiserver's /readyz over https" \
 check "check prints every healthCheck default" \
   bash -c "grep -q 'intervalMs: 200' $WORK/effective.yaml && grep -q 'rise: 3' $WORK/effective.yaml && grep -q 'balance: leastconn' $WORK/effective.yaml && grep -q 'maxConnections: 10000' $WORK/effective.yaml && grep -q 'onMarkedDown: close' $WORK/effective.yaml"
 
-ip netns exec "$L" "$KUBE_VIP" start -c "$WORK/config.yaml" --disableVIP >"$WORK/agent.log" 2>&1 &
-AGENT=$!
+start_kube_vip "$WORK/config.yaml" "$WORK/agent.log"
 rate() { nsx "$L" python3 "$SUPPORT/tls_client.py" rate 10.88.0.1 "${2:-6443}" 10 "$1" 2>/dev/null; }
 check "all three backends serve through the load balancer" \
   wait_until 10 bash -c "$(declare -f rate nsx); L=$L SUPPORT=$SUPPORT; rate 1 | awk '\$2==\"ok\"{print \$3}' | sort -u | wc -l | grep -qx 3"
@@ -97,13 +67,13 @@ fault() {
 }
 
 # ---------- unready: /readyz 500, requests 503 ----------
-fault unready set_state 1 unready
+fault unready set_state b1 unready
 check "unready: logged once as DOWN with the reason" \
   test "$(grep -c '\[api\] backend 10.88.0.11:6444 DOWN: /readyz 500 (2 in a row)' "$WORK/agent.log")" = 1
 
 # ---------- coming back: rise ----------
 t=$(now_ms)
-set_state 1 ready
+set_state b1 ready
 check "coming back: UP after rise (3 checks)" wait_until 3 grep -q '\[api\] backend 10.88.0.11:6444 UP' "$WORK/agent.log"
 echo "# back up after $(( $(now_ms) - t )) ms"
 check "coming back: it gets requests again" \
@@ -115,7 +85,7 @@ WATCH=$!
 wait_until 5 test -s "$WORK/watch.name"
 victim=$(cat "$WORK/watch.name"); victim=${victim#b}
 t=$(now_ms)
-set_state "$victim" unready
+set_state "b$victim" unready
 if wait_until 3 bash -c "! kill -0 $WATCH"; then
   ended=$(awk '{print $2}' "$WORK/watch.out")
   echo "# watch on b$victim ended $((ended - t)) ms after the backend became unready"
@@ -129,13 +99,13 @@ WATCH2=$!
 wait_until 5 test -s "$WORK/watch2.name"
 check "watch: the reconnected watch is on another backend" test "$(cat "$WORK/watch2.name")" != "b$victim"
 kill "$WATCH2" 2>/dev/null || true
-set_state "$victim" ready
+set_state "b$victim" ready
 wait_until 3 bash -c "[ \$(grep -c '\[api\] backend 10.88.0.1$victim:6444 UP' $WORK/agent.log) -ge $(( $(backend_log "$victim" UP) + 1 )) ]" || true
 sleep 1
 
 # ---------- killed ----------
-fault killed kill -9 "$BACKEND_2"
-start_backend 2
+fault killed kill -9 "$BACKEND_b2"
+start_backend b2
 wait_until 5 bash -c "[ \$(grep -c '\[api\] backend 10.88.0.12:6444 UP' $WORK/agent.log) -ge 1 ]" || true
 sleep 1
 
@@ -155,7 +125,7 @@ sleep 1.5
 # ---------- flapping every 300 ms: no state flapping ----------
 before=$(( $(backend_log 3 UP) + $(backend_log 3 DOWN) ))
 # Python keeps the 300 ms on a monotonic schedule; a shell loop of sleeps drifts on a busy machine.
-python3 - "$WORK/state3" <<'EOF'
+python3 - "$WORK/state.b3" <<'EOF'
 import os, sys, time
 path, start = sys.argv[1], time.monotonic()
 for k in range(20):
@@ -164,22 +134,22 @@ for k in range(20):
     os.rename(path + ".new", path)
     time.sleep(max(0.0, start + (k + 1) * 0.3 - time.monotonic()))
 EOF
-set_state 3 unready
+set_state b3 unready
 sleep 0.5
 changes=$(( $(backend_log 3 UP) + $(backend_log 3 DOWN) - before ))
 echo "# flapping for 6 s: $changes state change(s)"
 check "flapping: at most one state change (down), no flapping" test "$changes" -le 1
-set_state 3 ready
+set_state b3 ready
 wait_until 3 bash -c "grep '\[api\] backend 10.88.0.13:6444' $WORK/agent.log | tail -1 | grep -q UP" || true
 
 # ---------- all down ----------
-for i in 1 2 3; do set_state "$i" unready; done
+for i in 1 2 3; do set_state "b$i" unready; done
 rate 2 > "$WORK/alldown.out"
 sleep 1
 check "all down: logged once" test "$(grep -c '\[api\] all 3 backends are down' "$WORK/agent.log")" = 1
 slow=$(awk '$2=="fail" {n++} END{print n+0}' "$WORK/alldown.out")
 echo "# all down: $slow of $(wc -l < "$WORK/alldown.out") requests failed"
-for i in 1 2 3; do set_state "$i" ready; done
+for i in 1 2 3; do set_state "b$i" ready; done
 check "all down: the end is logged once" wait_until 3 grep -q '\[api\] a backend is up again' "$WORK/agent.log"
 check "all down: requests succeed again" \
   wait_until 3 bash -c "$(declare -f rate nsx); L=$L SUPPORT=$SUPPORT; rate 0.5 | grep -q ' ok '"
@@ -207,9 +177,9 @@ for port in 6443 6447; do
 done
 wait_until 10 bash -c "[ \$(ls $WORK/w6443 | wc -l) = 30 ] && [ \$(ls $WORK/w6447 | wc -l) = 30 ]" || true
 echo "# 30 watches: leastconn $(spread "$WORK/w6443"), roundrobin $(spread "$WORK/w6447") (b1 b2 b3)"
-kill -9 "$BACKEND_1"
+kill -9 "$BACKEND_b1"
 sleep 1.5
-start_backend 1
+start_backend b1
 last_is_up() { grep "\[$1\] backend 10.88.0.11:6444" "$WORK/agent.log" | tail -1 | has UP; }
 wait_until 5 bash -c "$(declare -f last_is_up has); WORK=$WORK; last_is_up api && last_is_up rr" || true
 sleep 1
