@@ -909,11 +909,11 @@ mod tests {
                 });
             }
         });
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let mut config = tcp_lb(addr.port(), backend_addr);
-        config.max_connections = Some(1);
-        let pools = crate::lb::Pools::start(std::slice::from_ref(&config));
-        let lb = pools.start_lb(&config, addr).await.expect("start");
+        let (lb, addr) = start(&LoadBalancer {
+            max_connections: Some(1),
+            ..tcp_lb(backend_addr)
+        })
+        .await;
         // The first client takes the one slot...
         let mut first = TcpStream::connect(addr).await.expect("connect");
         first.write_all(b"a").await.expect("write");
