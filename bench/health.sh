@@ -122,14 +122,4 @@ section() {
 }
 section > "$WORK/section.md"
 cat "$WORK/section.md"
-marker='## Health checks: failed requests per backend fault'
-if [ -f "$OUT" ] && grep -q "^$marker" "$OUT"; then
-  # Replace our section (up to the next "## " heading) and keep the rest.
-  awk -v m="$marker" -v f="$WORK/section.md" '
-    index($0, m) == 1 {while ((getline l < f) > 0) print l; skip=1; next}
-    skip && /^## / {skip=0}
-    !skip {print}' "$OUT" > "$WORK/out.md"
-  cp "$WORK/out.md" "$OUT"
-else
-  { echo; cat "$WORK/section.md"; } >> "$OUT"
-fi
+python3 "$ROOT/bench/results.py" section "$OUT" health "$WORK/section.md"
