@@ -63,6 +63,8 @@ PROXY_ROWS = [
     ("add99", "Added p99 latency vs direct, 1 at a time (ms)", "{:.3f}", False),
     ("cpu_conn", "Proxy CPU per connection (µs)", "{:.1f}", False),
     ("cpu_conn1", "Proxy CPU per connection, one backend (µs)", "{:.1f}", False),
+    ("pkts_client", "Packets per connection, client side (both ways)", "{:.2f}", False),
+    ("pkts_backend", "Packets per connection, backend side (both ways)", "{:.2f}", False),
     ("rss_idle", "RSS idle after start (MiB)", "{:.1f}", False),
     ("rss_load", "RSS peak under connection load (MiB)", "{:.1f}", False),
     ("threads", "Threads", "{:.0f}", None),
