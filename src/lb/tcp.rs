@@ -124,7 +124,7 @@ async fn proxy(
                 &mut moved.up,
                 &first.client,
                 true,
-                early.as_deref(),
+                early,
             ),
             pump(
                 &server,
@@ -314,18 +314,19 @@ async fn pump(
     total: &mut u64,
     first: &OnceLock<Instant>,
     first_must_be_tls: bool,
-    early: Option<&[u8]>,
+    early: Option<Vec<u8>>,
 ) -> io::Result<()> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut pipe: Option<Pipe> = None;
     let mut bulk = false;
     let mut seen = false;
+    // Owned, and dropped once sent: a long-lived connection keeps no buffer.
     if let Some(bytes) = early {
         seen = true;
-        if is_tls_record(bytes) || !first_must_be_tls {
+        if is_tls_record(&bytes) || !first_must_be_tls {
             let _ = first.set(Instant::now());
         }
-        send_all(dst, bytes, total).await?;
+        send_all(dst, &bytes, total).await?;
     }
     loop {
         let r = match (&pipe, bulk) {
