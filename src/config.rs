@@ -31,8 +31,8 @@ pub const MAX_VIP_PROBE_MS: u64 = 1000;
 /// Real-time (`SCHED_RR`) priority of the control path's threads (Raft, lease, VIP keeper,
 /// probe, announcer). Nice values only order threads within one cgroup or autogroup (a
 /// session): against the API server's pod, another service or another login's processes the
-/// agent competes as an equal, and under a flood beside one its lease timer waited 40-130 ms
-/// for the CPU (lease 80 ms; BENCHMARKS.md). Any real-time priority runs ahead of every
+/// agent competes as an equal, and under a flood in another session its lease timer woke up
+/// to 1 s late (lease 80 ms; BENCHMARKS.md). Any real-time priority runs ahead of every
 /// ordinary thread in every group; 10 stays below the kernel's own real-time threads (threaded
 /// interrupts at 50, watchdogs at 99). The control path sleeps almost all the time, so it takes
 /// no CPU from anyone, and the proxy stays at normal priority.

@@ -405,9 +405,9 @@ const NICE: i32 = -10;
 /// The VIP lease is only safe if the holder gets the CPU within the lease margin (tens of ms)
 /// to renew it or remove the address. A nice value only ranks threads within one cgroup (or
 /// autogroup, one login session): against other cgroups' threads, such as the API server's
-/// pod, the agent competes as an equal. Measured beside a second flooded cluster on 2 CPUs:
-/// at nice -10 the lease timer waited up to 130 ms for a CPU and the lease lapsed in 4 of 12
-/// runs; with `SCHED_RR` the longest wait was ~16 ms and none lapsed (BENCHMARKS.md).
+/// pod, the agent competes as an equal. Measured with a second flooded cluster in another
+/// session on 2 CPUs: at nice -10 the lease timer woke up to 1 s late and the lease lapsed in
+/// 5 of 6 runs; with `SCHED_RR` never more than 8 ms late and no lapse (BENCHMARKS.md).
 /// Real-time needs CAP_SYS_NICE or an RLIMIT_RTPRIO of at least `realtime`, and on kernels
 /// with RT_GROUP_SCHED real-time runtime for the cgroup.
 fn raise_priority(realtime: u8) {
