@@ -97,5 +97,6 @@ config "$WORK/bad.yaml" "controlRealtimePriority: 100"
 rc=0
 "$KUBE_VIP" check -c "$WORK/bad.yaml" >/dev/null 2>"$WORK/bad.err" || rc=$?
 sed 's/^/#   /' "$WORK/bad.err"
-check "check refuses 100, naming the key" eval '[ "$rc" = 1 ] && has "controlRealtimePriority (100) must be 0 (none) to 99" "$WORK/bad.err"'
+refused() { [ "$rc" = 1 ] && has -F "controlRealtimePriority (100) must be 0 (none) to 99" "$WORK/bad.err"; }
+check "check refuses 100, naming the key" refused
 summary
