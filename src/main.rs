@@ -407,7 +407,7 @@ const NICE: i32 = -10;
 /// autogroup, one login session): against other cgroups' threads, such as the API server's
 /// pod, the agent competes as an equal. Measured with a second flooded cluster in another
 /// session on 2 CPUs: at nice -10 the lease timer woke up to 1 s late and the lease lapsed in
-/// 5 of 6 runs; with `SCHED_RR` never more than 8 ms late and no lapse (BENCHMARKS.md).
+/// 7 of 8 runs; with `SCHED_RR` never more than 8 ms late and no lapse (BENCHMARKS.md).
 /// Real-time needs CAP_SYS_NICE or an RLIMIT_RTPRIO of at least `realtime`, and on kernels
 /// with RT_GROUP_SCHED real-time runtime for the cgroup.
 fn raise_priority(realtime: u8) {
