@@ -278,6 +278,7 @@ pub fn sample_config(a: &SampleConfigArgs) -> Config {
         arp_burst_count: None,
         arp_refresh_seconds: None,
         vip_probe_ms: None,
+        control_realtime_priority: None,
         state_dir: None,
         heartbeat_ms: None,
         election_timeout_min_ms: None,

@@ -28,6 +28,17 @@ pub const DEFAULT_ARP_REFRESH_SECONDS: u64 = 10;
 pub const DEFAULT_VIP_PROBE_MS: u64 = 10;
 /// Longest probe window accepted: every take-over waits this long.
 pub const MAX_VIP_PROBE_MS: u64 = 1000;
+/// Real-time (`SCHED_RR`) priority of the control path's threads (Raft, lease, VIP keeper,
+/// probe, announcer). Nice values only order threads within one cgroup or autogroup (a
+/// session): against the API server's pod, another service or another login's processes the
+/// agent competes as an equal, and under a flood in another session its lease timer woke up
+/// to 1 s late (lease 80 ms; BENCHMARKS.md). Any real-time priority runs ahead of every
+/// ordinary thread in every group; 10 stays below the kernel's own real-time threads (threaded
+/// interrupts at 50, watchdogs at 99). The control path sleeps almost all the time, so it takes
+/// no CPU from anyone, and the proxy stays at normal priority.
+pub const DEFAULT_CONTROL_REALTIME_PRIORITY: u8 = 10;
+/// Highest `SCHED_RR` priority Linux accepts.
+pub const MAX_REALTIME_PRIORITY: u8 = 99;
 /// Where a clustered node keeps its Raft vote and log.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/kube-vip";
 /// Raft heartbeat interval. With the election timeouts below: unplanned failover ~150 ms
@@ -401,6 +412,10 @@ pub struct Config {
     /// Probe window before taking the VIP, ms; 0 = off (default [`DEFAULT_VIP_PROBE_MS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vip_probe_ms: Option<u64>,
+    /// `SCHED_RR` priority of the control path's threads, 1-99; 0 = none, nice -10 only
+    /// (default [`DEFAULT_CONTROL_REALTIME_PRIORITY`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_realtime_priority: Option<u8>,
     /// Directory for Raft state (default [`DEFAULT_STATE_DIR`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
@@ -493,6 +508,12 @@ impl Config {
     pub fn vip_probe_ms(&self) -> u64 {
         self.vip_probe_ms.unwrap_or(DEFAULT_VIP_PROBE_MS)
     }
+
+    /// `SCHED_RR` priority of the control path's threads; 0 = none.
+    pub fn control_realtime_priority(&self) -> u8 {
+        self.control_realtime_priority
+            .unwrap_or(DEFAULT_CONTROL_REALTIME_PRIORITY)
+    }
     /// State directory with its default applied.
     pub fn state_dir(&self) -> PathBuf {
         self.state_dir
@@ -534,6 +555,7 @@ impl Config {
         c.arp_burst_count = Some(self.arp_burst_count());
         c.arp_refresh_seconds = Some(self.arp_refresh_seconds());
         c.vip_probe_ms = Some(self.vip_probe_ms());
+        c.control_realtime_priority = Some(self.control_realtime_priority());
         c.state_dir = Some(self.state_dir());
         c.heartbeat_ms = Some(self.heartbeat_ms());
         c.election_timeout_min_ms = Some(self.election_timeout_min_ms());
@@ -777,6 +799,13 @@ impl Config {
                 at_in("", "vipProbeMs", &self.vip_probe_ms().to_string(), 0)
             ));
         }
+        if self.control_realtime_priority() > MAX_REALTIME_PRIORITY {
+            p.push(format!(
+                "controlRealtimePriority ({}) must be 0 (none) to {MAX_REALTIME_PRIORITY}{}",
+                self.control_realtime_priority(),
+                at_in_top(text, "controlRealtimePriority")
+            ));
+        }
         let (hb, min, max) = (
             self.heartbeat_ms(),
             self.election_timeout_min_ms(),
@@ -979,6 +1008,28 @@ mod tests {
         assert_eq!(c.load_balancers[0].backends.len(), 3);
         assert_eq!(c.load_balancers[0].kind, LbType::Tcp);
         assert_eq!(c.heartbeat_ms(), DEFAULT_HEARTBEAT_MS);
+    }
+
+    #[test]
+    fn control_realtime_priority_defaults_and_bounds() {
+        let c = parse(SEED).expect("seed");
+        assert_eq!(
+            c.control_realtime_priority(),
+            DEFAULT_CONTROL_REALTIME_PRIORITY
+        );
+        assert_eq!(
+            c.effective().control_realtime_priority,
+            Some(DEFAULT_CONTROL_REALTIME_PRIORITY)
+        );
+        for ok in [0, 1, 99] {
+            let c = parse(&format!("{SEED}controlRealtimePriority: {ok}\n")).expect("in range");
+            assert_eq!(c.control_realtime_priority(), ok);
+        }
+        let e = parse(&format!("{SEED}controlRealtimePriority: 100\n")).unwrap_err();
+        assert!(
+            e.contains("controlRealtimePriority (100) must be 0 (none) to 99 (line "),
+            "{e}"
+        );
     }
 
     #[test]

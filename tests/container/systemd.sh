@@ -138,6 +138,15 @@ x systemctl stop kube-vip
 check "one-node cluster: stop exits 0 and removes the VIP" \
   test "$(prop ExecMainStatus)" = 0 -a "$(has_vip && echo held)" = ""
 denials=$(x journalctl -u kube-vip --no-pager | grep -iE 'operation not permitted|permission denied|read-only file system|bad system call' || true)
+# A kernel with RT_GROUP_SCHED (cgroup v1 cpu.rt_runtime_us exists) gives a new cgroup, such as
+# this container's, no real-time runtime: SCHED_RR is refused there even to root, whatever the
+# unit permits (LimitRTPRIO=10). The agent's one warning per start says so and it runs at nice
+# -10. That is the host's cgroup setup, not the unit's sandbox: not counted, but shown.
+if [ -e /sys/fs/cgroup/cpu/cpu.rt_runtime_us ]; then
+  rt=$(grep -F 'cannot run the control path at real-time priority' <<<"$denials" || true)
+  [ -z "$rt" ] || echo "# real-time refused: RT_GROUP_SCHED kernel, container cgroup without rt runtime"
+  denials=$(grep -vF 'cannot run the control path at real-time priority' <<<"$denials" || true)
+fi
 [ -z "$denials" ] || indent <<<"$denials"
 check "no sandbox denials in the journal" test -z "$denials"
 
