@@ -70,6 +70,7 @@ PROXY_ROWS = [
     ("threads", "Threads", "{:.0f}", None),
     ("nice", "Nice value, control threads (client and backends: 0)", "{:.0f}", None),
     ("nice_proxy", "Nice value, proxy threads", "{:.0f}", None),
+    ("rtprio", "Real-time priority (SCHED_RR), control threads (0: none)", "{:.0f}", None),
     ("errors", "wrk errors (socket errors + non-2xx, all runs)", "{:.0f}", None),
 ]
 TARGETS = ["direct", "ours", "nochk", "haproxy"]
