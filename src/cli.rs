@@ -351,6 +351,10 @@ spec:
         add:
         - NET_ADMIN
         - NET_RAW
+        # Real-time priority for the control path (controlRealtimePriority): a nice value only
+        # ranks threads within the pod's own cgroup, so beside a busy API server the lease could
+        # lapse. Without it the agent warns and runs at nice -10.
+        - SYS_NICE
     volumeMounts:
     - name: config
       mountPath: {DEFAULT_CONFIG_PATH}

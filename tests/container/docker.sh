@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The container image under a real engine: built and saved by scripts/container (and loaded
 # back, as a node without a registry would), then run on a user-defined bridge the test creates
-# with its own subnet, with the capabilities the static pod grants (NET_ADMIN + NET_RAW, all
+# with its own subnet, with the capabilities the static pod grants (NET_ADMIN + NET_RAW + SYS_NICE, all
 # others dropped), a read-only root and the config mounted read-only. Everything is checked
 # from the host side of the bridge.
 #   single   one agent, singleNode: VIP:6443 reaches three backends round-robin; `docker stop`
@@ -117,8 +117,28 @@ logged() { dk logs "$1" 2>&1 | has -- "$2"; }
 # logged_since NAME UNIX_TS PATTERN: the container logged PATTERN since UNIX_TS (a restarted
 # container's `docker logs` holds every earlier run too).
 logged_since() { dk logs --since "$2" "$1" 2>&1 | has -- "$3"; }
-# Bits 12 (CAP_NET_ADMIN) and 13 (CAP_NET_RAW), as the kernel sees the running agent.
+# Bits 12 (CAP_NET_ADMIN), 13 (CAP_NET_RAW) and 23 (CAP_SYS_NICE), as the kernel sees the
+# running agent.
 caps() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
+
+# rt_or_said NAME PID: the agent logged that its control path runs at real-time priority 10 and
+# its kv-control threads do (policy 2 = SCHED_RR), or it logged that real time was refused (a
+# kernel with RT_GROUP_SCHED whose container cgroups get no real-time runtime, as here).
+rt_or_said() {
+  local t p
+  if logged "$1" "control path at real-time priority 10"; then
+    for t in /proc/"$2"/task/*; do
+      [ "$(cat "$t/comm" 2>/dev/null)" = kv-control ] || continue
+      p=$(awk '{print $40, $41}' "$t/stat")
+      [ "$p" = "10 2" ] || { echo "# kv-control thread at rt_priority/policy $p"; return 1; }
+    done
+    echo "#   control path at SCHED_RR 10"
+  elif logged "$1" "cannot run the control path at real-time priority 10"; then
+    echo "#   real time refused in the container (logged); control path at nice -10"
+  else
+    return 1
+  fi
+}
 
 write_config() { # MODE N: node N's config for single or cluster
   local mode=$1 i=$2 j
@@ -145,7 +165,7 @@ write_config() { # MODE N: node N's config for single or cluster
 }
 
 # start_agent NAME NODE CONFIG [VOLUME]: an agent as the static pod runs it: in node NODE's
-# namespace, only NET_ADMIN + NET_RAW, the config read-only where the manifest mounts it, and
+# namespace, only NET_ADMIN + NET_RAW + SYS_NICE, the config read-only where the manifest mounts it, and
 # (clustered) Raft state on a volume at the manifest's /var/lib/kube-vip.
 start_agent() { # NAME NODE CONFIG [STATE_VOLUME [START_FLAG...]]
   local name=$1 node=$2 config=$3 state=()
@@ -154,7 +174,7 @@ start_agent() { # NAME NODE CONFIG [STATE_VOLUME [START_FLAG...]]
     state=(-v "$4:/var/lib/kube-vip")
   fi
   run_c "$name" --network "container:kvt-$TAG-n$node" \
-    --cap-drop ALL --cap-add NET_ADMIN --cap-add NET_RAW \
+    --cap-drop ALL --cap-add NET_ADMIN --cap-add NET_RAW --cap-add SYS_NICE \
     --read-only --security-opt no-new-privileges \
     -v "$config:$CONF:ro" "${state[@]}" \
     "$IMAGE" start -c "$CONF" "${@:5}"
@@ -178,8 +198,9 @@ single_node() {
   start_agent "$kv" 1 "$WORK/single1.yaml"
   check "single: agent takes the VIP in the node's namespace" wait_until 5 node_has_vip 1
   kv_pid=$(state "$kv" Pid)
-  check "single: agent runs with exactly NET_ADMIN + NET_RAW effective and bounding" \
-    test "$(caps "$kv_pid" CapEff) $(caps "$kv_pid" CapBnd)" = "0000000000003000 0000000000003000"
+  check "single: agent runs with exactly NET_ADMIN + NET_RAW + SYS_NICE effective and bounding" \
+    test "$(caps "$kv_pid" CapEff) $(caps "$kv_pid" CapBnd)" = "0000000000803000 0000000000803000"
+  check "single: control path at SCHED_RR 10, or the agent logged why not" rt_or_said "$kv" "$kv_pid"
   check "single: VIP:6443 answers from the host" wait_until 5 get "$VIP:6443"
   check "single: six connections from the host reach three backends round-robin" rr_ok "$VIP:6443"
 

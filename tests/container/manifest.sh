@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `kube-vip sample manifest`, checked offline: schema validation with kubernetes-validate
 # (--strict: unknown fields are errors) for every Kubernetes version >= 1.28 its package ships,
-# then the fields that matter for a VIP agent: host network, exactly NET_ADMIN + NET_RAW, the
+# then the fields that matter for a VIP agent: host network, exactly NET_ADMIN + NET_RAW + SYS_NICE, the
 # config mounted read-only where `start -c` reads it, persistent Raft state, and an image tag
 # that is the crate's version and the tag of the image scripts/container builds.
 # shellcheck source=tests/container/lib.sh
@@ -46,7 +46,7 @@ check "control: validation rejects a wrongly typed field" rejects "$latest" "$WO
 C='d["spec"]["containers"][0]'
 check "exactly one container" is 1 "$M" 'len(d["spec"]["containers"])'
 check "hostNetwork: true (the VIP goes on the node's interface)" is true "$M" 'd["spec"]["hostNetwork"]'
-check "capabilities add exactly NET_ADMIN and NET_RAW" is '["NET_ADMIN","NET_RAW"]' "$M" "sorted(${C}['securityContext']['capabilities']['add'])"
+check "capabilities add exactly NET_ADMIN, NET_RAW and SYS_NICE" is '["NET_ADMIN","NET_RAW","SYS_NICE"]' "$M" "sorted(${C}['securityContext']['capabilities']['add'])"
 check "capabilities drop ALL" is '["ALL"]' "$M" "${C}['securityContext']['capabilities']['drop']"
 check "not privileged, no other securityContext widening" \
   is '["capabilities"]' "$M" "sorted(${C}['securityContext'])"
