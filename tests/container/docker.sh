@@ -126,7 +126,8 @@ caps() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
 # kernel with RT_GROUP_SCHED whose container cgroups get no real-time runtime, as here).
 rt_or_said() {
   local t p
-  if logged "$1" "control path at real-time priority 10"; then
+  # (The refusal's wording contains the success's words: match the success's whole phrase.)
+  if logged "$1" "control path at real-time priority 10 (SCHED_RR)"; then
     for t in /proc/"$2"/task/*; do
       [ "$(cat "$t/comm" 2>/dev/null)" = kv-control ] || continue
       p=$(awk '{print $40, $41}' "$t/stat")
