@@ -202,14 +202,14 @@ fn start(args: StartArgs) -> ExitCode {
     );
     // The proxy's runtime first, so that its threads keep the nice value we started with.
     lb::limits::init_fd_budget();
-    let proxy = match proxy_runtime() {
+    let proxy = match ProxyShards::start() {
         Ok(r) => r,
         Err(e) => {
             error!("cannot start the proxy runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    lb::set_proxy_runtime(proxy.handle().clone());
+    lb::set_proxy_runtimes(proxy.handles.clone());
     raise_priority(config.control_realtime_priority());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(CONTROL_THREADS)
@@ -225,7 +225,7 @@ fn start(args: StartArgs) -> ExitCode {
     };
     let result = runtime.block_on(run(config, args.disable_vip));
     // Every listener was stopped by the agent; what is left (health checks) just ends.
-    proxy.shutdown_timeout(Duration::from_secs(1));
+    proxy.stop();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -239,28 +239,76 @@ fn start(args: StartArgs) -> ExitCode {
 /// two so that one busy step (a Raft state write) never delays the lease timer.
 const CONTROL_THREADS: usize = 2;
 
-/// The runtime proxied connections and health checks run on, apart from the control path's and
-/// at the priority the process started with: a connection flood then competes with ordinary
-/// work, not with the lease timer, and the raised priority does not tax the clients and API
-/// servers that share the node's CPUs. Made before [`raise_priority`], and every thread it
-/// starts later (blocking pool) sets that priority again for itself. Work-stealing, one worker
-/// per CPU: on cores shared with API servers a preempted worker's connections are taken over by
-/// the other (one single-threaded runtime per CPU with SO_REUSEPORT listeners, HAProxy's model,
-/// measured no better here: BENCHMARKS.md).
-fn proxy_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    // SAFETY: getpriority has no memory effects; who = 0 is this thread.
-    let base = unsafe { nix::libc::getpriority(nix::libc::PRIO_PROCESS, 0) };
-    tokio::runtime::Builder::new_multi_thread()
-        .thread_name("kv-proxy")
-        .on_thread_start(move || {
-            // A thread inherits its creator's policy: one started for the blocking pool by a
-            // control thread would otherwise be real-time.
-            normal_policy();
-            // SAFETY: as above; lowering one's own priority (or keeping it) needs no privilege.
-            unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, base) };
-        })
-        .enable_all()
-        .build()
+/// The runtimes proxied connections and health checks run on, apart from the control path's
+/// and at the priority the process started with: a connection flood then competes with
+/// ordinary work, not with the lease timer, and the raised priority does not tax the clients
+/// and API servers that share the node's CPUs. One single-threaded runtime per CPU ("shard",
+/// `KUBE_VIP_PROXY_THREADS` overrides the count), each on its own thread with its own
+/// listener (see `lb::RunningLb::start`): a connection stays on the thread that accepted it,
+/// as in HAProxy (nbthread) and nginx. Made before [`raise_priority`]; every thread they start
+/// later (blocking pool) sets that priority again for itself.
+struct ProxyShards {
+    /// One handle per shard, for `lb`.
+    handles: Vec<tokio::runtime::Handle>,
+    /// Ends each shard's thread (its runtime and every task on it).
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// The shards' threads.
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl ProxyShards {
+    fn start() -> std::io::Result<ProxyShards> {
+        // SAFETY: getpriority has no memory effects; who = 0 is this thread.
+        let base = unsafe { nix::libc::getpriority(nix::libc::PRIO_PROCESS, 0) };
+        let n = std::env::var("KUBE_VIP_PROXY_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let mut shards = ProxyShards {
+            handles: Vec::with_capacity(n),
+            stops: Vec::with_capacity(n),
+            threads: Vec::with_capacity(n),
+        };
+        for _ in 0..n {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .thread_name("kv-proxy")
+                .on_thread_start(move || {
+                    normal_policy();
+                    // SAFETY: as above; lowering one's own priority (or keeping it) needs no
+                    // privilege.
+                    unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, base) };
+                })
+                .enable_all()
+                .build()?;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            shards.handles.push(rt.handle().clone());
+            shards.stops.push(stop);
+            shards
+                .threads
+                .push(
+                    std::thread::Builder::new()
+                        .name("kv-proxy".into())
+                        .spawn(move || {
+                            rt.block_on(async move {
+                                let _ = stopped.await;
+                            });
+                            // Every listener was stopped by the agent; what is left (health checks,
+                            // the metrics server) just ends.
+                            rt.shutdown_timeout(Duration::from_secs(1));
+                        })?,
+                );
+        }
+        Ok(shards)
+    }
+
+    /// Ends every shard and waits for its thread.
+    fn stop(self) {
+        drop(self.stops);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
 }
 
 async fn run(config: Config, disable_vip: bool) -> Result<(), Box<dyn std::error::Error>> {

@@ -27,19 +27,31 @@ use crate::shutdown::{self, Shutdown, Trigger};
 use backends::Backends;
 use health::Checker;
 
-/// The runtime proxied connections and health checks run on, if `main` made one apart from the
-/// control path's; else the caller's runtime (tests).
-static PROXY_RUNTIME: OnceLock<Handle> = OnceLock::new();
+/// The runtimes proxied connections and health checks run on, if `main` made them apart from
+/// the control path's: one single-threaded runtime per proxy thread ("shard"). Without them
+/// (tests) the caller's runtime is the only shard.
+static PROXY_RUNTIMES: OnceLock<Vec<Handle>> = OnceLock::new();
 
-/// Makes `handle` the runtime of every load balancer and health check started from now on.
-pub fn set_proxy_runtime(handle: Handle) {
-    let _ = PROXY_RUNTIME.set(handle);
+/// Makes `shards` (at least one) the runtimes of every load balancer and health check started
+/// from now on.
+pub fn set_proxy_runtimes(shards: Vec<Handle>) {
+    if !shards.is_empty() {
+        let _ = PROXY_RUNTIMES.set(shards);
+    }
 }
 
-/// The proxy runtime (see [`set_proxy_runtime`]): also where the agent serves its HTTP and
-/// status endpoints, which answer outside clients.
+/// The proxy's first shard (see [`set_proxy_runtimes`]): where health checks run, and where
+/// the agent serves its HTTP and status endpoints, which answer outside clients.
 pub fn proxy_runtime() -> Handle {
-    PROXY_RUNTIME.get().cloned().unwrap_or_else(Handle::current)
+    proxy_shards().swap_remove(0)
+}
+
+/// Every proxy shard; each load balancer listens once per shard.
+fn proxy_shards() -> Vec<Handle> {
+    match PROXY_RUNTIMES.get() {
+        Some(s) => s.clone(),
+        None => vec![Handle::current()],
+    }
 }
 
 /// The backends and running health checks of every load balancer, for the agent's whole life:
@@ -133,18 +145,18 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// does so after every accept): a finished task keeps its memory until it is collected.
 const REAP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// A listening load balancer. Stop it with [`RunningLb::stop`]; that closes the listener and
-/// every connection it proxies.
+/// A listening load balancer. Stop it with [`RunningLb::stop`]; that closes the listeners and
+/// every connection they proxy.
 #[derive(Debug)]
 pub struct RunningLb {
     /// Name from the config, for log lines.
     name: String,
     /// Where it listens.
     addr: SocketAddr,
-    /// Stops the accept loop and its connections.
+    /// Stops the accept loops and their connections.
     stop: Trigger,
-    /// The accept loop.
-    task: JoinHandle<()>,
+    /// The accept loops, one per proxy shard.
+    tasks: Vec<JoinHandle<()>>,
 }
 
 /// A load balancer could not start listening.
@@ -171,22 +183,29 @@ pub fn listen_addr(lb: &LoadBalancer, vip: IpAddr) -> SocketAddr {
 }
 
 impl RunningLb {
-    /// Binds `addr` and starts serving `lb` with `backends`, on the proxy runtime.
+    /// Binds `addr` and starts serving `lb` with `backends`: one listener and accept loop per
+    /// proxy shard, all on the same address (SO_REUSEPORT), so the kernel spreads new
+    /// connections over the shards and each connection lives on the thread that accepted it:
+    /// no task moves between threads, and its sockets stay in one CPU's cache (HAProxy's and
+    /// nginx's model). They share `maxConnections` and the descriptor budget.
     pub async fn start(
         lb: &LoadBalancer,
         backends: Arc<Backends>,
         addr: SocketAddr,
     ) -> Result<RunningLb, ListenError> {
-        let rt = proxy_runtime();
-        // The listener registers with the runtime it is made in: the proxy's.
-        let listener = {
+        let shards = proxy_shards();
+        let reuse_port = shards.len() > 1;
+        let mut listeners = Vec::with_capacity(shards.len());
+        for rt in &shards {
+            // A listener registers with the runtime it is made in: its shard's.
             let _in_rt = rt.enter();
-            listen(addr).map_err(|source| ListenError {
+            let l = listen(addr, reuse_port).map_err(|source| ListenError {
                 name: lb.name.clone(),
                 addr,
                 source,
-            })?
-        };
+            })?;
+            listeners.push(l);
+        }
         let addrs: Vec<String> = lb
             .backends
             .iter()
@@ -207,38 +226,51 @@ impl RunningLb {
         );
         let limit = Arc::new(Semaphore::new(lb.max_connections() as usize));
         let (stop, signal) = shutdown::channel();
-        let task = match lb.kind {
-            LbType::Tcp => rt.spawn(tcp::serve(listener, backends, limit, signal)),
-            LbType::Http => rt.spawn(http::serve(listener, backends, limit, signal)),
-        };
+        let tasks = shards
+            .iter()
+            .zip(listeners)
+            .map(|(rt, listener)| {
+                let (b, l, s) = (backends.clone(), limit.clone(), signal.clone());
+                match lb.kind {
+                    LbType::Tcp => rt.spawn(tcp::serve(listener, b, l, s)),
+                    LbType::Http => rt.spawn(http::serve(listener, b, l, s)),
+                }
+            })
+            .collect();
         Ok(RunningLb {
             name: lb.name.clone(),
             addr,
             stop,
-            task,
+            tasks,
         })
     }
 
-    /// Closes the listener and all its connections, and waits until they are gone.
+    /// Closes the listeners and all their connections, and waits until they are gone.
     pub async fn stop(self) {
         self.stop.fire();
-        let _ = self.task.await;
+        for t in self.tasks {
+            let _ = t.await;
+        }
         info!("load balancer {:?} on {} stopped", self.name, self.addr);
     }
 }
 
 /// A listening socket on `addr` with a backlog of [`LISTEN_BACKLOG`] (and SO_REUSEADDR, as
-/// `TcpListener::bind` sets it, so a restart does not wait for old connections' TIME_WAIT).
+/// `TcpListener::bind` sets it, so a restart does not wait for old connections' TIME_WAIT;
+/// SO_REUSEPORT if `reuse_port`, for one listener per proxy shard).
 /// TCP_NODELAY, keepalive and `TCP_USER_TIMEOUT` are set on the listener: Linux copies them to
 /// every accepted socket, which spares setsockopts per connection (both proxies want them: a
 /// short answer must not wait for an ACK, and a vanished client must not hold a connection).
-fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+fn listen(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
     socket.set_nodelay(true)?;
     limits::set_tcp_timeouts(&socket)?;
     socket.bind(addr)?;
@@ -345,7 +377,7 @@ mod tests {
     /// `listen` relies on accepted sockets inheriting TCP_NODELAY from the listener.
     #[tokio::test]
     async fn accepted_sockets_inherit_nodelay() {
-        let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0))).expect("listen");
+        let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0)), false).expect("listen");
         let addr = listener.local_addr().expect("addr");
         let client = TcpStream::connect(addr).await.expect("connect");
         let (accepted, _) = listener.accept().await.expect("accept");
