@@ -242,11 +242,16 @@ const CONTROL_THREADS: usize = 2;
 /// The runtimes proxied connections and health checks run on, apart from the control path's
 /// and at the priority the process started with: a connection flood then competes with
 /// ordinary work, not with the lease timer, and the raised priority does not tax the clients
-/// and API servers that share the node's CPUs. One single-threaded runtime per CPU ("shard",
-/// `KUBE_VIP_PROXY_THREADS` overrides the count), each on its own thread with its own
-/// listener (see `lb::RunningLb::start`): a connection stays on the thread that accepted it,
-/// as in HAProxy (nbthread) and nginx. Made before [`raise_priority`]; every thread they start
-/// later (blocking pool) sets that priority again for itself.
+/// and API servers that share the node's CPUs. One single-threaded runtime per CPU the process
+/// may use ("shard"), each on its own thread with its own listener (see
+/// `lb::RunningLb::start`): a connection stays on the thread that accepted it, as in HAProxy
+/// (nbthread) and nginx. Each thread polls its own epoll whenever it runs out of work; with one
+/// work-stealing runtime the two workers shared one, and events waited while the worker
+/// holding it ran tasks: the machine sat idle 8-13 µs per connection under load, and the
+/// shards made 1.04x its connections/s on a quiet machine (BENCHMARKS.md). The kernel still
+/// moves a shard's thread to a free CPU when its own is busy; what is not moved is a
+/// connection between shards. Made before [`raise_priority`]; every thread they start later
+/// (blocking pool) resets its policy and priority to the process's.
 struct ProxyShards {
     /// One handle per shard, for `lb`.
     handles: Vec<tokio::runtime::Handle>,
@@ -260,11 +265,7 @@ impl ProxyShards {
     fn start() -> std::io::Result<ProxyShards> {
         // SAFETY: getpriority has no memory effects; who = 0 is this thread.
         let base = unsafe { nix::libc::getpriority(nix::libc::PRIO_PROCESS, 0) };
-        let n = std::env::var("KUBE_VIP_PROXY_THREADS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|n| *n > 0)
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut shards = ProxyShards {
             handles: Vec::with_capacity(n),
             stops: Vec::with_capacity(n),
