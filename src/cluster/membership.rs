@@ -540,11 +540,16 @@ impl Admin {
             "making it a voter",
         )
         .await?;
-        let m = self.metrics();
         Ok(format!(
             "{id} ({address}) added as a voter; voters now: {}",
-            self.names(&m, &self::voters(&m))
+            self.voters_now()
         ))
+    }
+
+    /// The voters as this node sees them now, by name, for the answer to a change.
+    fn voters_now(&self) -> String {
+        let m = self.metrics();
+        self.names(&m, &self::voters(&m))
     }
 
     /// One membership change through Raft, committed within `limit` (else `commit_timeout`
@@ -619,11 +624,7 @@ impl Admin {
             "dropping the removed node",
         )
         .await?;
-        let m = self.metrics();
-        Ok(format!(
-            "{id} removed; voters now: {}",
-            self.names(&m, &self::voters(&m))
-        ))
+        Ok(format!("{id} removed; voters now: {}", self.voters_now()))
     }
 
     /// This leader is to be removed: give up the VIP, hand leadership over (as at SIGTERM),
